@@ -1,0 +1,235 @@
+"""Pipeline settings: one frozen dataclass with the thesis defaults, and the two named modes.
+
+``thesis`` is PIPELINE.md part A exactly (per-slice 5-95 % clipping, 980 px, one mean prototype per class,
+S = Sp - 0.8·Sn on the 70 x 70 patch grid, top 10 % of patches, nearest resize of the patch mask).
+``best`` is what we recommend; it is built from the same switches, each of which can also be set alone
+(CLI ``--option name=value``, the app's advanced settings), so that every improvement can be measured in
+isolation (docs/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
+
+from core.errors import ProtoscopeError
+from core.preprocess import PreprocessConfig
+from core.thresholds import ThresholdSpec
+
+
+class Mode(str, Enum):
+    THESIS = "thesis"
+    BEST = "best"
+
+
+class Scoring(str, Enum):
+    """How patches are compared with the clicked examples."""
+
+    MEAN = "mean"  # one mean prototype per class (thesis)
+    MULTI = "multi"  # k-means prototypes per class, score = best-matching prototype
+    KNN = "knn"  # mean similarity to the k nearest clicked patches of each class (DINOSim-like)
+
+
+class Upsampling(str, Enum):
+    """How the patch-grid score map reaches the original pixel grid."""
+
+    NEAREST = "nearest"  # threshold on the patch grid, nearest-resize the mask (thesis; 14-px blocks)
+    BILINEAR = "bilinear"  # bilinear-upsample the score map, threshold per pixel
+    GUIDED = "guided"  # bilinear, then an edge-preserving guided filter with the slice as guide
+
+
+@dataclass(frozen=True)
+class Cleanup:
+    """Optional morphological clean-up of the final mask (pixels of the original slice)."""
+
+    fill_holes: bool = False
+    min_size_px: int = 0
+    closing_px: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.fill_holes or self.min_size_px > 0 or self.closing_px > 0
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Every setting of the prototype pipeline. Defaults are the thesis's (Table 3.3)."""
+
+    mode: Mode = Mode.THESIS
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    negative_weight: float = 0.8
+    scoring: Scoring = Scoring.MEAN
+    n_prototypes: int = 1
+    knn_k: int = 5
+    upsampling: Upsampling = Upsampling.NEAREST
+    threshold: ThresholdSpec = field(default_factory=lambda: ThresholdSpec("top", 10.0))
+    z_sigma: float = 0.0
+    pixel_weight: float = 0.0
+    cleanup: Cleanup = field(default_factory=Cleanup)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.negative_weight <= 2.0:
+            raise ProtoscopeError(f"negative weight λ must lie in 0..2, got {self.negative_weight}")
+        if self.n_prototypes < 1 or self.knn_k < 1:
+            raise ProtoscopeError("n_prototypes and knn_k must be at least 1")
+        if self.z_sigma < 0:
+            raise ProtoscopeError(f"z_sigma must be >= 0 slices, got {self.z_sigma}")
+        if not 0.0 <= self.pixel_weight <= 1.0:
+            raise ProtoscopeError(f"pixel_weight must lie in 0..1, got {self.pixel_weight}")
+
+    # ---- modes -------------------------------------------------------------------------------------
+    @classmethod
+    def thesis(cls) -> "PipelineConfig":
+        return cls()
+
+    @classmethod
+    def best(cls) -> "PipelineConfig":
+        return cls(
+            mode=Mode.BEST,
+            preprocess=PreprocessConfig(normalization="stack"),
+            upsampling=Upsampling.BILINEAR,
+            threshold=ThresholdSpec("calibrated"),
+        )
+
+    @classmethod
+    def for_mode(cls, mode: str | Mode) -> "PipelineConfig":
+        mode = Mode(mode)
+        return cls.best() if mode is Mode.BEST else cls.thesis()
+
+    # ---- options -----------------------------------------------------------------------------------
+    def with_options(self, **options: object) -> "PipelineConfig":
+        """A copy with some settings changed; accepts the flat names of OPTION_NAMES (strings are parsed)."""
+        changes: dict[str, object] = {}
+        preprocess = self.preprocess
+        cleanup = self.cleanup
+        for name, raw in options.items():
+            if name not in OPTION_NAMES:
+                raise ProtoscopeError(f"unknown pipeline option {name!r}; known options: {', '.join(OPTION_NAMES)}")
+            value = _parse_option(name, raw)
+            if name in ("normalization", "image_size", "clip_low", "clip_high"):
+                if name == "clip_low":
+                    preprocess = dataclasses.replace(preprocess, clip_percentiles=(value, preprocess.clip_percentiles[1]))
+                elif name == "clip_high":
+                    preprocess = dataclasses.replace(preprocess, clip_percentiles=(preprocess.clip_percentiles[0], value))
+                else:
+                    preprocess = dataclasses.replace(preprocess, **{name: value})
+            elif name in ("fill_holes", "min_size_px", "closing_px"):
+                cleanup = dataclasses.replace(cleanup, **{name: value})
+            else:
+                changes[name] = value
+        return dataclasses.replace(self, preprocess=preprocess, cleanup=cleanup, **changes)
+
+    def as_dict(self) -> dict:
+        return {
+            "mode": self.mode.value,
+            "preprocess": self.preprocess.as_dict(),
+            "negative_weight": self.negative_weight,
+            "scoring": self.scoring.value,
+            "n_prototypes": self.n_prototypes,
+            "knn_k": self.knn_k,
+            "upsampling": self.upsampling.value,
+            "threshold": str(self.threshold),
+            "z_sigma": self.z_sigma,
+            "pixel_weight": self.pixel_weight,
+            "cleanup": dataclasses.asdict(self.cleanup),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PipelineConfig":
+        return cls(
+            mode=Mode(data.get("mode", "thesis")),
+            preprocess=PreprocessConfig.from_dict(data["preprocess"]) if "preprocess" in data else PreprocessConfig(),
+            negative_weight=float(data.get("negative_weight", 0.8)),
+            scoring=Scoring(data.get("scoring", "mean")),
+            n_prototypes=int(data.get("n_prototypes", 1)),
+            knn_k=int(data.get("knn_k", 5)),
+            upsampling=Upsampling(data.get("upsampling", "nearest")),
+            threshold=ThresholdSpec.parse(str(data.get("threshold", "top:10"))),
+            z_sigma=float(data.get("z_sigma", 0.0)),
+            pixel_weight=float(data.get("pixel_weight", 0.0)),
+            cleanup=Cleanup(**data.get("cleanup", {})),
+        )
+
+    def describe(self) -> str:
+        """One line for logs and reports."""
+        parts = [
+            f"mode={self.mode.value}",
+            f"norm={self.preprocess.normalization}",
+            f"size={self.preprocess.image_size}",
+            f"λ={self.negative_weight:g}",
+            f"scoring={self.scoring.value}" + (f"(k={self.n_prototypes})" if self.scoring is Scoring.MULTI else "")
+            + (f"(k={self.knn_k})" if self.scoring is Scoring.KNN else ""),
+            f"upsampling={self.upsampling.value}",
+            f"threshold={self.threshold}",
+        ]
+        if self.z_sigma:
+            parts.append(f"z_sigma={self.z_sigma:g}")
+        if self.pixel_weight:
+            parts.append(f"pixel_weight={self.pixel_weight:g}")
+        if self.cleanup.active:
+            parts.append(f"cleanup={dataclasses.asdict(self.cleanup)}")
+        return " ".join(parts)
+
+
+#: Flat option names accepted by ``PipelineConfig.with_options`` and the CLI's ``--option name=value``.
+OPTION_NAMES = (
+    "normalization",
+    "image_size",
+    "clip_low",
+    "clip_high",
+    "negative_weight",
+    "scoring",
+    "n_prototypes",
+    "knn_k",
+    "upsampling",
+    "threshold",
+    "z_sigma",
+    "pixel_weight",
+    "fill_holes",
+    "min_size_px",
+    "closing_px",
+)
+
+
+def _parse_bool(raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ProtoscopeError(f"expected true/false, got {raw!r}")
+
+
+def _parse_option(name: str, raw: object) -> object:
+    try:
+        if name == "normalization":
+            return str(raw)
+        if name in ("image_size", "n_prototypes", "knn_k", "min_size_px", "closing_px"):
+            return int(raw)  # type: ignore[arg-type]
+        if name in ("clip_low", "clip_high", "negative_weight", "z_sigma", "pixel_weight"):
+            return float(raw)  # type: ignore[arg-type]
+        if name == "scoring":
+            return raw if isinstance(raw, Scoring) else Scoring(str(raw))
+        if name == "upsampling":
+            return raw if isinstance(raw, Upsampling) else Upsampling(str(raw))
+        if name == "threshold":
+            return raw if isinstance(raw, ThresholdSpec) else ThresholdSpec.parse(str(raw))
+        if name == "fill_holes":
+            return _parse_bool(raw)
+    except (TypeError, ValueError) as error:
+        raise ProtoscopeError(f"bad value {raw!r} for option {name}: {error}") from None
+    raise ProtoscopeError(f"unknown pipeline option {name!r}")
+
+
+def parse_option_assignments(items: list[str] | None) -> dict[str, str]:
+    """['scoring=knn', 'z_sigma=1'] -> {'scoring': 'knn', 'z_sigma': '1'} (CLI ``--option``)."""
+    options: dict[str, str] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ProtoscopeError(f"option {item!r} must look like name=value (known: {', '.join(OPTION_NAMES)})")
+        options[name.strip()] = value.strip()
+    return options

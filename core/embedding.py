@@ -1,0 +1,133 @@
+"""Patch embeddings of a stack's slices, through the on-disk cache.
+
+``SliceEmbedder`` binds one stack, channel and time point to one backbone and preprocessing. ``embed(z)``
+returns the slice's (h, w, D) patch embeddings from the cache when present (a click or a threshold change
+never re-embeds) and otherwise computes and stores them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+
+from core.embedding_cache import CacheKey, EmbeddingCache, file_signature
+from core.preprocess import PreprocessConfig, normalized_slice, pooled_intensity_range, prepare_slice
+
+if TYPE_CHECKING:  # pragma: no cover
+    from core.backbones import Backbone
+    from core.io import Stack
+
+#: Slices sampled (evenly over z) to estimate a stack-wide intensity range.
+STACK_RANGE_SLICES = 16
+
+
+def stack_intensity_range(
+    stack: "Stack",
+    channel: int,
+    percentiles: tuple[float, float] = (5.0, 95.0),
+    *,
+    timepoint: int = 0,
+    max_slices: int = STACK_RANGE_SLICES,
+) -> tuple[float, float]:
+    """(low, high) intensity percentiles pooled over up to ``max_slices`` evenly spaced slices."""
+    n_slices = stack.shape[0]
+    count = min(max_slices, n_slices)
+    z_values = np.unique(np.linspace(0, n_slices - 1, count).round().astype(int))
+    slices = [stack.read_slice(int(z), channel, timepoint=timepoint) for z in z_values]
+    return pooled_intensity_range(slices, percentiles)
+
+
+class SliceEmbedder:
+    """Embeddings (and model inputs) of one channel of one stack, cached on disk when a cache is given."""
+
+    def __init__(
+        self,
+        stack: "Stack",
+        channel: int,
+        backbone: "Backbone",
+        preprocess: PreprocessConfig = PreprocessConfig(),
+        *,
+        cache: EmbeddingCache | None = None,
+        timepoint: int = 0,
+        stack_range: tuple[float, float] | None = None,
+    ) -> None:
+        self.stack = stack
+        self.channel = stack.resolve_channel(channel)
+        self.backbone = backbone
+        self.preprocess = preprocess
+        self.cache = cache
+        self.timepoint = timepoint
+        if preprocess.normalization == "stack" and stack_range is None:
+            stack_range = stack_intensity_range(stack, self.channel, preprocess.clip_percentiles, timepoint=timepoint)
+        self.stack_range = stack_range if preprocess.normalization == "stack" else None
+        self._key: CacheKey | None = None
+
+    @property
+    def slice_shape(self) -> tuple[int, int]:
+        """(Y, X) of the original slices."""
+        return int(self.stack.shape[2]), int(self.stack.shape[3])
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.stack.shape[0])
+
+    @property
+    def cache_key(self) -> CacheKey:
+        if self._key is None:
+            self._key = CacheKey(
+                file_signature=file_signature(self.stack.path),
+                channel=self.channel,
+                timepoint=self.timepoint,
+                backbone=self.backbone.signature(),
+                preprocess=self.preprocess.signature(self.stack_range),
+            )
+        return self._key
+
+    def raw(self, z: int) -> np.ndarray:
+        """(Y, X) raw slice in the stack's dtype."""
+        return self.stack.read_slice(z, self.channel, timepoint=self.timepoint)
+
+    def normalized(self, z: int) -> np.ndarray:
+        """(Y, X) float32 in [0, 1]: the slice clipped and rescaled at its original size (for display/guides)."""
+        return normalized_slice(self.raw(z), self.preprocess, self.stack_range)
+
+    def model_input(self, z: int) -> np.ndarray:
+        """(S, S) float32 in [0, 1]: what the backbone sees."""
+        return prepare_slice(self.raw(z), self.preprocess, self.stack_range)
+
+    def is_cached(self, z: int) -> bool:
+        return self.cache is not None and z in self.cache.cached_slices(self.cache_key)
+
+    def cached_slices(self) -> set[int]:
+        return self.cache.cached_slices(self.cache_key) if self.cache is not None else set()
+
+    def embed(self, z: int) -> np.ndarray:
+        """(h, w, D) float32 patch embeddings of slice z (cache first)."""
+        if self.cache is not None:
+            cached = self.cache.get(self.cache_key, z)
+            if cached is not None:
+                return cached
+        embedding = self.backbone.embed(self.model_input(z))
+        if self.cache is not None:
+            self.cache.put(self.cache_key, z, embedding)
+            # Return what later calls will read, so cached and fresh results are identical (float16).
+            return embedding.astype(np.float16).astype(np.float32)
+        return embedding
+
+    def embed_many(
+        self,
+        z_values: Sequence[int],
+        *,
+        on_slice: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> dict[int, np.ndarray]:
+        """Embeddings of several slices; ``on_slice(done, total)`` after each; stops early when asked."""
+        result: dict[int, np.ndarray] = {}
+        for index, z in enumerate(z_values):
+            if should_stop is not None and should_stop():
+                break
+            result[z] = self.embed(z)
+            if on_slice is not None:
+                on_slice(index + 1, len(z_values))
+        return result

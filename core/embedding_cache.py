@@ -1,0 +1,182 @@
+"""On-disk cache of patch embeddings, so that a stack is embedded once per backbone and setting.
+
+Layout: one HDF5 file per cache key in the cache directory, ``<digest>.h5``, holding one float16 dataset
+per slice (``slices/<z>``, a single chunk each) and the full key as JSON in the root attribute ``key``.
+The key combines the file identity (resolved path, size, modification time and a SHA-256 of the first
+4 MiB), the channel, the time point, the backbone signature (name, weights id, precision, interpolation)
+and the preprocessing signature. A file whose stored key differs from the expected key (a stale or
+colliding entry), or that cannot be read, is never used: it is treated as a miss and replaced.
+
+Several processes may share a directory: writes hold an exclusive ``flock`` on ``<digest>.lock`` and
+reads a shared one, and every access opens and closes the HDF5 file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from core.errors import CacheError
+
+_HEAD_BYTES = 4 * 1024 * 1024
+CACHE_FORMAT = "protoscope-embedding-cache-v1"
+
+
+def default_cache_dir() -> Path:
+    """$PROTOSCOPE_CACHE, else ~/.cache/protoscope/embeddings."""
+    env = os.environ.get("PROTOSCOPE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser()
+    return base / "protoscope" / "embeddings"
+
+
+def file_signature(path: str | Path) -> str:
+    """Identity of a data file: resolved path, size, mtime (ns) and SHA-256 of its first 4 MiB.
+
+    A folder (image-folder stacks) hashes the sorted names, sizes and mtimes of its entries instead.
+    """
+    path = Path(path).resolve()
+    status = path.stat()
+    digest = hashlib.sha256()
+    if path.is_dir():
+        for entry in sorted(path.iterdir()):
+            if entry.is_file():
+                entry_status = entry.stat()
+                digest.update(f"{entry.name}:{entry_status.st_size}:{entry_status.st_mtime_ns};".encode())
+    else:
+        with open(path, "rb") as stream:
+            digest.update(stream.read(_HEAD_BYTES))
+    return f"{path}|{status.st_size}|{status.st_mtime_ns}|{digest.hexdigest()[:32]}"
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What an embedding depends on."""
+
+    file_signature: str
+    channel: int
+    timepoint: int
+    backbone: str
+    preprocess: str
+
+    def as_json(self) -> str:
+        return json.dumps({"format": CACHE_FORMAT, **asdict(self)}, sort_keys=True)
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.as_json().encode()).hexdigest()[:32]
+
+
+class EmbeddingCache:
+    """Directory of cached slice embeddings. ``get`` returns (h, w, D) float32 or None; ``put`` stores one."""
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.directory = Path(directory) if directory is not None else default_cache_dir()
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CacheError(f"cannot create the embedding cache folder {self.directory}: {error.strerror}") from None
+        if not os.access(self.directory, os.W_OK):
+            raise CacheError(f"the embedding cache folder {self.directory} is not writable; choose another with --cache DIR")
+
+    def _paths(self, key: CacheKey) -> tuple[Path, Path]:
+        digest = key.digest()
+        return self.directory / f"{digest}.h5", self.directory / f"{digest}.lock"
+
+    @contextlib.contextmanager
+    def _locked(self, key: CacheKey, exclusive: bool) -> Iterator[Path]:
+        data_path, lock_path = self._paths(key)
+        with open(lock_path, "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:
+                yield data_path
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _key_matches(handle: h5py.File, key: CacheKey) -> bool:
+        stored = handle.attrs.get("key")
+        if isinstance(stored, bytes):
+            stored = stored.decode()
+        return stored == key.as_json()
+
+    def get(self, key: CacheKey, z: int) -> np.ndarray | None:
+        """Cached (h, w, D) float32 embedding of slice z, or None (missing, stale or unreadable)."""
+        with self._locked(key, exclusive=False) as data_path:
+            if not data_path.exists():
+                return None
+            try:
+                with h5py.File(data_path, "r", locking=False) as handle:
+                    if not self._key_matches(handle, key):
+                        return None
+                    name = f"slices/{int(z)}"
+                    if name not in handle:
+                        return None
+                    return handle[name][()].astype(np.float32)
+            except (OSError, KeyError, ValueError):
+                return None
+
+    def cached_slices(self, key: CacheKey) -> set[int]:
+        """The z indices already cached under ``key``."""
+        with self._locked(key, exclusive=False) as data_path:
+            if not data_path.exists():
+                return set()
+            try:
+                with h5py.File(data_path, "r", locking=False) as handle:
+                    if not self._key_matches(handle, key) or "slices" not in handle:
+                        return set()
+                    return {int(name) for name in handle["slices"]}
+            except (OSError, ValueError):
+                return set()
+
+    def put(self, key: CacheKey, z: int, embedding: np.ndarray) -> None:
+        """Store slice z's (h, w, D) embedding as float16 (replacing a stale or broken file)."""
+        array = np.asarray(embedding, dtype=np.float16)
+        if array.ndim != 3:
+            raise ValueError(f"expected an (h, w, D) embedding, got shape {array.shape}")
+        with self._locked(key, exclusive=True) as data_path:
+            handle = self._open_for_write(data_path, key)
+            with handle:
+                name = f"slices/{int(z)}"
+                if name in handle:
+                    del handle[name]
+                handle.create_dataset(name, data=array, chunks=array.shape)
+
+    def _open_for_write(self, data_path: Path, key: CacheKey) -> h5py.File:
+        if data_path.exists():
+            try:
+                handle = h5py.File(data_path, "a", locking=False)
+                if self._key_matches(handle, key):
+                    return handle
+                handle.close()
+            except (OSError, ValueError):
+                pass
+            data_path.unlink(missing_ok=True)
+        try:
+            handle = h5py.File(data_path, "w", locking=False, libver="latest")
+        except OSError as error:
+            raise CacheError(f"cannot write the embedding cache file {data_path}: {error}") from None
+        handle.attrs["key"] = key.as_json()
+        return handle
+
+    def clear(self) -> int:
+        """Delete every cache file in the directory; returns how many were removed."""
+        removed = 0
+        for path in self.directory.glob("*.h5"):
+            path.unlink(missing_ok=True)
+            removed += 1
+        for path in self.directory.glob("*.lock"):
+            path.unlink(missing_ok=True)
+        return removed
+
+    def size_bytes(self) -> int:
+        return sum(path.stat().st_size for path in self.directory.glob("*.h5"))

@@ -1,0 +1,159 @@
+"""Slice preprocessing before feature extraction (thesis §3.3, PIPELINE.md A.1).
+
+Thesis mode: clip each slice to its own 5th-95th intensity percentiles, rescale to [0, 1] and resize to
+980 x 980 pixels (bilinear, antialiased) so that a 14-px ViT sees a 70 x 70 patch grid. The grey-to-RGB
+replication and the ImageNet mean/std normalisation belong to the DINOv2 backbone (``core.backbones``),
+because they are a property of that model, not of the data.
+
+Best mode can replace the per-slice percentiles by percentiles pooled over the whole stack
+(``normalization="stack"``), so that every slice — and a transferred prototype — sees one intensity scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+#: Largest number of pixels per slice used to estimate percentiles (a strided subsample beyond this;
+#: the percentiles of a 9-Mpixel slice move by far less than one grey level).
+_PERCENTILE_SAMPLE_PIXELS = 2_000_000
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a raw slice becomes the model's input image.
+
+    clip_percentiles : (low, high) percentiles in %, clipped and mapped to 0 and 1.
+    image_size : side in pixels of the square model input (980 = 70 patches of 14 px).
+    normalization : 'slice' (percentiles of each slice, thesis) or 'stack' (percentiles pooled over the stack).
+    """
+
+    clip_percentiles: tuple[float, float] = (5.0, 95.0)
+    image_size: int = 980
+    normalization: str = "slice"
+
+    def __post_init__(self) -> None:
+        low, high = self.clip_percentiles
+        if not 0.0 <= low < high <= 100.0:
+            raise ValueError(f"clip percentiles must satisfy 0 <= low < high <= 100, got {self.clip_percentiles}")
+        if self.image_size < 14:
+            raise ValueError(f"image size must be at least 14 pixels, got {self.image_size}")
+        if self.normalization not in ("slice", "stack"):
+            raise ValueError(f"normalization must be 'slice' or 'stack', got {self.normalization!r}")
+
+    def signature(self, intensity_range: tuple[float, float] | None = None) -> str:
+        """Stable text for cache keys; includes the stack-wide range when one is used."""
+        low, high = self.clip_percentiles
+        text = f"pre-v1:clip{low:g}-{high:g}:size{self.image_size}:norm-{self.normalization}:resize-bilinear-aa"
+        if self.normalization == "stack" and intensity_range is not None:
+            text += f":range{intensity_range[0]:.6g},{intensity_range[1]:.6g}"
+        return text
+
+    def as_dict(self) -> dict:
+        return {
+            "clip_percentiles": list(self.clip_percentiles),
+            "image_size": self.image_size,
+            "normalization": self.normalization,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PreprocessConfig":
+        return cls(
+            clip_percentiles=tuple(float(v) for v in data["clip_percentiles"]),  # type: ignore[arg-type]
+            image_size=int(data["image_size"]),
+            normalization=str(data.get("normalization", "slice")),
+        )
+
+
+def _subsample(image: np.ndarray, max_pixels: int = _PERCENTILE_SAMPLE_PIXELS) -> np.ndarray:
+    step = int(np.ceil(np.sqrt(image.size / max_pixels))) if image.size > max_pixels else 1
+    return image[::step, ::step]
+
+
+def intensity_range(image: np.ndarray, percentiles: tuple[float, float] = (5.0, 95.0)) -> tuple[float, float]:
+    """Intensity values at the given percentiles of one slice.
+
+    image : (Y, X) any real dtype. Returns (low, high) in the image's units.
+    """
+    low, high = np.percentile(_subsample(np.asarray(image)), percentiles)
+    return float(low), float(high)
+
+
+def pooled_intensity_range(slices: list[np.ndarray], percentiles: tuple[float, float] = (5.0, 95.0)) -> tuple[float, float]:
+    """Percentiles pooled over several slices (stack-wide normalisation).
+
+    slices : list of (Y, X) arrays, e.g. evenly spaced slices of a stack. Returns (low, high).
+    """
+    if not slices:
+        raise ValueError("need at least one slice to estimate a stack-wide intensity range")
+    per_slice = max(_PERCENTILE_SAMPLE_PIXELS // len(slices), 10_000)
+    pooled = np.concatenate([_subsample(np.asarray(s), per_slice).ravel() for s in slices])
+    low, high = np.percentile(pooled, percentiles)
+    return float(low), float(high)
+
+
+def rescale(image: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Clip to [low, high] and map linearly to [0, 1].
+
+    image : (Y, X) any real dtype. Returns (Y, X) float32 in [0, 1]; a flat range gives all zeros.
+    """
+    data = np.asarray(image, dtype=np.float32)
+    if not high > low:
+        return np.zeros(data.shape, dtype=np.float32)
+    out = (data - np.float32(low)) / np.float32(high - low)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def resize(image: np.ndarray, shape: tuple[int, int], *, mode: str = "bilinear") -> np.ndarray:
+    """Resize a 2-D float image with torch (bilinear antialiased when shrinking, or nearest).
+
+    image : (Y, X) real. shape : (rows, cols) of the result. Returns float32 of that shape.
+    """
+    if tuple(image.shape) == tuple(shape):
+        return np.asarray(image, dtype=np.float32)
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    if mode == "nearest":
+        out = F.interpolate(tensor, size=tuple(shape), mode="nearest-exact")
+    else:
+        shrinking = shape[0] < image.shape[0] or shape[1] < image.shape[1]
+        out = F.interpolate(tensor, size=tuple(shape), mode="bilinear", align_corners=False, antialias=shrinking)
+    return out[0, 0].numpy()
+
+
+def prepare_slice(
+    image: np.ndarray,
+    config: PreprocessConfig = PreprocessConfig(),
+    stack_range: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """The model input for one raw slice.
+
+    image : (Y, X) raw slice in its native dtype.
+    stack_range : (low, high) intensities to use when ``config.normalization == 'stack'``.
+    Returns (S, S) float32 in [0, 1], S = config.image_size.
+    """
+    if image.ndim != 2:
+        raise ValueError(f"expected a 2-D slice, got shape {image.shape}")
+    if config.normalization == "stack":
+        if stack_range is None:
+            raise ValueError("stack-wide normalisation needs the stack's intensity range")
+        low, high = stack_range
+    else:
+        low, high = intensity_range(image, config.clip_percentiles)
+    scaled = rescale(image, low, high)
+    return resize(scaled, (config.image_size, config.image_size))
+
+
+def normalized_slice(
+    image: np.ndarray,
+    config: PreprocessConfig = PreprocessConfig(),
+    stack_range: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """The clipped and rescaled slice at its original size: (Y, X) float32 in [0, 1]."""
+    if config.normalization == "stack" and stack_range is not None:
+        low, high = stack_range
+    else:
+        low, high = intensity_range(image, config.clip_percentiles)
+    return rescale(image, low, high)
