@@ -1,0 +1,308 @@
+"""Write (Z, Y, X) masks as files other tools read: ImageJ TIFF, OME-TIFF, HDF5, or an Imaris copy.
+
+Every writer is atomic: it writes a hidden temp file in the destination folder and renames it
+(``os.replace``) when complete, so a crash never leaves a half-written file under the real name.
+An existing file is replaced only with ``overwrite=True``; the source `.ims` is never written to.
+
+Masks are read slab by slab, so a ``np.memmap`` larger than RAM works. Any numeric mask is
+accepted; nonzero means foreground and is stored as 255 (uint8 0/255).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from core.errors import StackError
+from core.io import VoxelSize
+
+__all__ = ["write_masks", "TiffMaskWriter", "atomic_output", "mask_to_uint8", "as_mask_array",
+           "MASK_SUFFIXES"]
+
+MASK_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".h5", ".hdf5", ".ims")
+_SLAB_BYTES = 64 << 20  # mask bytes read at a time when converting
+
+
+def mask_to_uint8(mask: Any) -> np.ndarray:
+    """Any numeric array -> uint8 with 255 where nonzero and 0 elsewhere (same shape)."""
+    return (np.asarray(mask) != 0).view(np.uint8) * np.uint8(255)
+
+
+def as_mask_array(masks: Any, out_path: Path | str) -> Any:
+    """Validate a (Z, Y, X) mask array-like without loading it; (Y, X) becomes (1, Y, X).
+
+    Arrays, np.memmap and h5py datasets stay lazy; lists are converted with numpy.
+    """
+    if not (hasattr(masks, "shape") and hasattr(masks, "dtype") and hasattr(masks, "__getitem__")):
+        masks = np.asarray(masks)
+    dtype = np.dtype(masks.dtype)
+    if dtype.kind not in "biuf":
+        raise StackError(f"mask for '{Path(out_path).name}' has dtype {dtype}; use bool or integer (0 = background)")
+    if len(masks.shape) == 2:
+        masks = np.asarray(masks)[None]
+    if len(masks.shape) != 3 or min(masks.shape) < 1:
+        raise StackError(f"mask for '{Path(out_path).name}' has shape {tuple(masks.shape)}; expected (Z, Y, X) "
+                         "with at least one slice")
+    return masks
+
+
+def _slabs(masks: Any) -> Iterator[tuple[int, np.ndarray]]:
+    """(z0, uint8 0/255 slab) pieces of about 64 MB along Z."""
+    n_z, n_y, n_x = masks.shape
+    step = max(1, _SLAB_BYTES // max(1, n_y * n_x * np.dtype(masks.dtype).itemsize))
+    for z0 in range(0, n_z, step):
+        yield z0, mask_to_uint8(masks[z0:z0 + step])
+
+
+def _pages(masks: Any) -> Iterator[np.ndarray]:
+    for _, slab in _slabs(masks):
+        yield from slab
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+@contextmanager
+def atomic_output(out_path: str | Path, *, overwrite: bool = False, source: Path | None = None) -> Iterator[Path]:
+    """Yield a temp path beside `out_path`; on success rename it to `out_path`, on error delete it.
+
+    Raises StackError if `out_path` exists and not `overwrite`, or if it is the file `source`.
+    Missing parent folders are created.
+    """
+    out = Path(out_path).expanduser()
+    if source is not None and _same_file(out, Path(source)):
+        raise StackError(f"'{out}' is the source file itself; choose another output name (the original is "
+                         "never modified)")
+    if out.is_dir():
+        raise StackError(f"'{out}' is a folder; give a file name for the output")
+    if out.exists() and not overwrite:
+        raise StackError(f"'{out}' already exists; choose another name or allow overwriting "
+                         "(overwrite=True, CLI: --overwrite)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StackError(f"cannot create the folder for '{out}': {exc}") from None
+    # the temp keeps the real name at its end, so suffix-based writers (tifffile's .ome.tif) behave
+    tmp = out.with_name(f".~{uuid.uuid4().hex[:8]}.{out.name}")
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _ome_kind(path: Path) -> bool:
+    return path.name.lower().endswith((".ome.tif", ".ome.tiff"))
+
+
+def write_masks(
+    masks: Any,
+    out_path: str | Path,
+    *,
+    voxel_size: VoxelSize | None = None,
+    source_ims: Path | None = None,
+    timepoint: int = 0,
+    channel_name: str = "Protoscope mask",
+    color: Sequence[float] = (1.0, 0.0, 1.0),
+    overwrite: bool = False,
+    description: str = "",
+    progress: Callable[[float], None] | None = None,
+) -> Path:
+    """Write (Z, Y, X) masks in the format given by the extension of `out_path`.
+
+    .tif/.tiff : multi-page ImageJ TIFF, uint8 0/255, voxel size as ImageJ resolution (pixels/µm),
+        spacing (µm) and unit 'um'.
+    .ome.tif/.ome.tiff : OME-TIFF, uint8 0/255, PhysicalSizeX/Y/Z in µm, channel named `channel_name`.
+    .h5/.hdf5 : dataset 'mask' uint8 0/255 (gzip, one chunk per slice), attrs 'element_size_um'
+        (z, y, x), 'axes' = 'ZYX', 'description'.
+    .ims : a copy of `source_ims` with the mask appended as a new channel (see
+        core.ims.append_mask_channel); the mask must have the source's full level-0 (Z, Y, X).
+    Returns out_path. Raises StackError for an unknown extension, an existing file without
+    `overwrite`, a bad mask, or (for .ims) a missing/identical source.
+    """
+    out = Path(out_path).expanduser()
+    name = out.name.lower()
+    masks = as_mask_array(masks, out)
+    if name.endswith(".ims"):
+        if source_ims is None:
+            raise StackError(f"writing the mask as '{out.name}' needs the source .ims file (source_ims) to copy")
+        from core.ims import append_mask_channel  # core.ims imports this module; import late
+
+        return append_mask_channel(source_ims, out, masks, timepoint=timepoint, channel_name=channel_name,
+                                   color=color, overwrite=overwrite, description=description, progress=progress)
+    if _ome_kind(out):
+        with atomic_output(out, overwrite=overwrite, source=source_ims) as tmp:
+            _write_ome_tiff(tmp, masks, voxel_size, channel_name, description)
+        return out
+    if name.endswith((".tif", ".tiff")):
+        with TiffMaskWriter(out, voxel_size=voxel_size, overwrite=overwrite, _source=source_ims) as writer:
+            n_z = masks.shape[0]
+            for z, page in enumerate(_pages(masks)):
+                writer.write(page)
+                if progress is not None:
+                    progress((z + 1) / n_z)
+        return out
+    if name.endswith((".h5", ".hdf5")):
+        with atomic_output(out, overwrite=overwrite, source=source_ims) as tmp:
+            _write_hdf5(tmp, masks, voxel_size, description, progress)
+        return out
+    raise StackError(f"cannot write masks as '{out.name}': unknown extension; supported: "
+                     f"{', '.join(MASK_SUFFIXES)}")
+
+
+def _write_ome_tiff(path: Path, masks: Any, voxel_size: VoxelSize | None, channel_name: str,
+                    description: str) -> None:
+    import tifffile
+
+    metadata: dict[str, Any] = {"axes": "ZYX", "Channel": {"Name": [channel_name]}}
+    if description:
+        metadata["Description"] = description
+    if voxel_size is not None:
+        metadata.update(PhysicalSizeX=voxel_size.x, PhysicalSizeXUnit="µm", PhysicalSizeY=voxel_size.y,
+                        PhysicalSizeYUnit="µm", PhysicalSizeZ=voxel_size.z, PhysicalSizeZUnit="µm")
+    n_z, n_y, n_x = masks.shape
+    tifffile.imwrite(path, _pages(masks), shape=(n_z, n_y, n_x), dtype=np.uint8, ome=True,
+                     photometric="minisblack", metadata=metadata)
+
+
+def _write_hdf5(path: Path, masks: Any, voxel_size: VoxelSize | None, description: str,
+                progress: Callable[[float], None] | None) -> None:
+    import h5py
+
+    n_z, n_y, n_x = masks.shape
+    with h5py.File(path, "w") as f:
+        data = f.create_dataset("mask", shape=(n_z, n_y, n_x), dtype=np.uint8, chunks=(1, n_y, n_x),
+                                compression="gzip", compression_opts=4)
+        data.attrs["axes"] = "ZYX"
+        data.attrs["foreground_value"] = np.uint8(255)
+        if description:
+            data.attrs["description"] = description
+        if voxel_size is not None:
+            # the attribute ilastik and Fiji's HDF5 plugin read, in (z, y, x) µm
+            data.attrs["element_size_um"] = np.array([voxel_size.z, voxel_size.y, voxel_size.x], np.float64)
+        for z0, slab in _slabs(masks):
+            data[z0:z0 + len(slab)] = slab
+            if progress is not None:
+                progress((z0 + len(slab)) / n_z)
+
+
+class TiffMaskWriter:
+    """Streaming multi-page ImageJ TIFF writer: one uint8 0/255 page per `write`, in the caller's order.
+
+    >>> with TiffMaskWriter("masks.tif", voxel_size=VoxelSize(0.4, 0.4, 2.0)) as w:   # doctest: +SKIP
+    ...     for z in zs:
+    ...         w.write(mask_of_slice(z))                                              # (Y, X) bool
+
+    `close` (or leaving the `with` block) finishes the file and renames it into place; on an
+    exception inside the block the temp file is removed and nothing appears under `out_path`.
+    Raises StackError when pages differ in size, when nothing was written, or when `out_path`
+    exists and not `overwrite`.
+    """
+
+    def __init__(self, out_path: str | Path, *, voxel_size: VoxelSize | None = None, overwrite: bool = False,
+                 _source: Path | None = None) -> None:
+        import tifffile
+
+        self.out_path = Path(out_path).expanduser()
+        self.voxel_size = voxel_size
+        self._atomic = atomic_output(self.out_path, overwrite=overwrite, source=_source)
+        self._tmp = self._atomic.__enter__()
+        self._shape: tuple[int, int] | None = None
+        self.n_pages = 0
+        self._done = False
+        try:
+            self._tw = tifffile.TiffWriter(self._tmp, imagej=True)
+        except Exception:
+            self._abort()
+            raise
+
+    def _metadata(self) -> dict[str, Any]:
+        if self.voxel_size is None:
+            return {}
+        return {"spacing": self.voxel_size.z, "unit": "um"}
+
+    def write(self, mask2d: Any) -> None:
+        """Append one (Y, X) bool/uint8 page (nonzero -> 255)."""
+        if self._done:
+            raise StackError(f"'{self.out_path.name}' is already closed; open a new TiffMaskWriter")
+        page = mask_to_uint8(mask2d)
+        if page.ndim != 2:
+            self._abort()
+            raise StackError(f"mask page for '{self.out_path.name}' has shape {page.shape}; expected (Y, X)")
+        if self._shape is None:
+            self._shape = page.shape
+        elif page.shape != self._shape:
+            self._abort()
+            raise StackError(f"mask page {self.n_pages} for '{self.out_path.name}' is {page.shape} but the first "
+                             f"page was {self._shape}; all pages must have one size")
+        kwargs: dict[str, Any] = {"contiguous": True, "photometric": "minisblack", "metadata": self._metadata()}
+        if self.voxel_size is not None:
+            kwargs["resolution"] = (1.0 / self.voxel_size.x, 1.0 / self.voxel_size.y)
+        try:
+            self._tw.write(page, **kwargs)
+        except Exception:
+            self._abort()
+            raise
+        self.n_pages += 1
+
+    def close(self) -> Path:
+        """Finish the ImageJ header (slices = pages written), rename into place, return the path."""
+        if self._done:
+            return self.out_path
+        if self.n_pages == 0:
+            self._abort()
+            raise StackError(f"no mask pages were written to '{self.out_path.name}'; nothing saved")
+        import tifffile
+
+        try:
+            assert self._shape is not None
+            # tifffile would label N streamed 2-D pages as channels; ImageJ needs them as z-slices
+            description = tifffile.imagej_description((self.n_pages, *self._shape), axes="ZYX",
+                                                      **self._metadata())
+            self._tw.overwrite_description(description)
+            self._tw.close()
+        except Exception:
+            self._abort()
+            raise
+        self._done = True
+        self._atomic.__exit__(None, None, None)
+        return self.out_path
+
+    def _abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._tw.close()
+        except Exception:  # noqa: BLE001 - the temp file is removed anyway
+            pass
+        try:
+            self._atomic.__exit__(StackError, StackError("aborted"), None)
+        except StackError:
+            pass
+
+    def __del__(self) -> None:
+        # a writer dropped without close() leaves no temp file behind (and no output either)
+        if not getattr(self, "_done", True):
+            self._abort()
+
+    def __enter__(self) -> "TiffMaskWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._abort()
