@@ -65,7 +65,10 @@ class PipelineConfig:
     upsampling: Upsampling = Upsampling.NEAREST
     threshold: ThresholdSpec = field(default_factory=lambda: ThresholdSpec("top", 10.0))
     z_sigma: float = 0.0
-    pixel_weight: float = 0.0
+    pixel_classifier: str = "none"
+    pixel_max_side: int = 1024
+    augment_radius: int = 2
+    patch_components: int = 0
     cleanup: Cleanup = field(default_factory=Cleanup)
 
     def __post_init__(self) -> None:
@@ -75,8 +78,15 @@ class PipelineConfig:
             raise ProtoscopeError("n_prototypes and knn_k must be at least 1")
         if self.z_sigma < 0:
             raise ProtoscopeError(f"z_sigma must be >= 0 slices, got {self.z_sigma}")
-        if not 0.0 <= self.pixel_weight <= 1.0:
-            raise ProtoscopeError(f"pixel_weight must lie in 0..1, got {self.pixel_weight}")
+        if self.pixel_classifier not in ("none", "forest", "linear"):
+            raise ProtoscopeError(f"pixel_classifier must be none, forest or linear, got {self.pixel_classifier!r}")
+        if self.pixel_max_side < 64 or self.augment_radius < 0 or self.patch_components < 0:
+            raise ProtoscopeError("pixel_max_side must be >= 64 px; augment_radius and patch_components >= 0")
+
+    @property
+    def uses_pixels(self) -> bool:
+        """True when a pixel classifier replaces patch-prototype scoring."""
+        return self.pixel_classifier != "none"
 
     # ---- modes -------------------------------------------------------------------------------------
     @classmethod
@@ -90,6 +100,8 @@ class PipelineConfig:
             preprocess=PreprocessConfig(normalization="stack"),
             upsampling=Upsampling.BILINEAR,
             threshold=ThresholdSpec("calibrated"),
+            pixel_classifier="forest",
+            patch_components=8,
         )
 
     @classmethod
@@ -131,7 +143,10 @@ class PipelineConfig:
             "upsampling": self.upsampling.value,
             "threshold": str(self.threshold),
             "z_sigma": self.z_sigma,
-            "pixel_weight": self.pixel_weight,
+            "pixel_classifier": self.pixel_classifier,
+            "pixel_max_side": self.pixel_max_side,
+            "augment_radius": self.augment_radius,
+            "patch_components": self.patch_components,
             "cleanup": dataclasses.asdict(self.cleanup),
         }
 
@@ -147,7 +162,10 @@ class PipelineConfig:
             upsampling=Upsampling(data.get("upsampling", "nearest")),
             threshold=ThresholdSpec.parse(str(data.get("threshold", "top:10"))),
             z_sigma=float(data.get("z_sigma", 0.0)),
-            pixel_weight=float(data.get("pixel_weight", 0.0)),
+            pixel_classifier=str(data.get("pixel_classifier", "none")),
+            pixel_max_side=int(data.get("pixel_max_side", 1024)),
+            augment_radius=int(data.get("augment_radius", 2)),
+            patch_components=int(data.get("patch_components", 0)),
             cleanup=Cleanup(**data.get("cleanup", {})),
         )
 
@@ -165,8 +183,9 @@ class PipelineConfig:
         ]
         if self.z_sigma:
             parts.append(f"z_sigma={self.z_sigma:g}")
-        if self.pixel_weight:
-            parts.append(f"pixel_weight={self.pixel_weight:g}")
+        if self.uses_pixels:
+            parts.append(f"pixels={self.pixel_classifier}(max_side={self.pixel_max_side},r={self.augment_radius}"
+                         + (f",patch_pcs={self.patch_components}" if self.patch_components else "") + ")")
         if self.cleanup.active:
             parts.append(f"cleanup={dataclasses.asdict(self.cleanup)}")
         return " ".join(parts)
@@ -185,7 +204,10 @@ OPTION_NAMES = (
     "upsampling",
     "threshold",
     "z_sigma",
-    "pixel_weight",
+    "pixel_classifier",
+    "pixel_max_side",
+    "augment_radius",
+    "patch_components",
     "fill_holes",
     "min_size_px",
     "closing_px",
@@ -207,9 +229,12 @@ def _parse_option(name: str, raw: object) -> object:
     try:
         if name == "normalization":
             return str(raw)
-        if name in ("image_size", "n_prototypes", "knn_k", "min_size_px", "closing_px"):
+        if name == "pixel_classifier":
+            return str(raw)
+        if name in ("image_size", "n_prototypes", "knn_k", "min_size_px", "closing_px", "pixel_max_side",
+                    "augment_radius", "patch_components"):
             return int(raw)  # type: ignore[arg-type]
-        if name in ("clip_low", "clip_high", "negative_weight", "z_sigma", "pixel_weight"):
+        if name in ("clip_low", "clip_high", "negative_weight", "z_sigma"):
             return float(raw)  # type: ignore[arg-type]
         if name == "scoring":
             return raw if isinstance(raw, Scoring) else Scoring(str(raw))

@@ -7,6 +7,7 @@ never re-embeds) and otherwise computes and stores them.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
@@ -20,6 +21,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Slices sampled (evenly over z) to estimate a stack-wide intensity range.
 STACK_RANGE_SLICES = 16
+#: Slices sampled to estimate the stack's pixel-feature statistics (best mode's pixel branch).
+PIXEL_STATS_SLICES = 8
 
 
 def stack_intensity_range(
@@ -62,6 +65,10 @@ class SliceEmbedder:
             stack_range = stack_intensity_range(stack, self.channel, preprocess.clip_percentiles, timepoint=timepoint)
         self.stack_range = stack_range if preprocess.normalization == "stack" else None
         self._key: CacheKey | None = None
+        # Per-instance memo of recent pixel-feature maps (they are large and not cached on disk).
+        self._pixel_memo: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self.pixel_memo_slices = 6
+        self._pixel_stats: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @property
     def slice_shape(self) -> tuple[int, int]:
@@ -131,3 +138,29 @@ class SliceEmbedder:
             if on_slice is not None:
                 on_slice(index + 1, len(z_values))
         return result
+
+    # ---- pixel branch (best mode) ----------------------------------------------------------------------
+
+    def pixel_filters(self, z: int, max_side: int) -> np.ndarray:
+        """(h, w, F) float32 filter-bank features of slice z at the working resolution (memoised)."""
+        from core.pixels import filter_features
+
+        key = (int(z), int(max_side))
+        if key in self._pixel_memo:
+            self._pixel_memo.move_to_end(key)
+            return self._pixel_memo[key]
+        features = filter_features(self.normalized(z), max_side)
+        self._pixel_memo[key] = features
+        while len(self._pixel_memo) > self.pixel_memo_slices:
+            self._pixel_memo.popitem(last=False)
+        return features
+
+    def pixel_statistics(self, max_side: int) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) (F,) of this stack's pixel features, pooled over evenly spaced slices (memoised)."""
+        from core.pixels import feature_statistics
+
+        if max_side not in self._pixel_stats:
+            count = min(PIXEL_STATS_SLICES, self.n_slices)
+            z_values = np.unique(np.linspace(0, self.n_slices - 1, count).round().astype(int))
+            self._pixel_stats[max_side] = feature_statistics([self.pixel_filters(int(z), max_side) for z in z_values])
+        return self._pixel_stats[max_side]

@@ -2,15 +2,20 @@
 
 thesis : score on the (h, w) patch grid, keep the top 10 % of patches, nearest-resize that patch mask to the
          original (Y, X) slice (14-px blocks at 980 px).
-best   : the same score, upsampled (bilinear or image-guided) to (Y, X) before thresholding, with a threshold
-         that follows the data (calibrated on the user's points, or Otsu), optionally smoothed along z and
-         cleaned up.
+best   : a pixel-level score (the patch score upsampled bilinearly or image-guided, or the pixel branch of
+         ``core.pixels``), with a threshold that follows the data (calibrated on the user's points, or
+         Otsu), optionally smoothed along z and cleaned up.
+
+A ``Scorer`` binds a prototype to a configuration (and, for the pixel branch, to the classifier fitted on
+the prototype's examples). ``Scorer.score_map`` gives a slice's raw score map — the (h, w) patch grid, or
+the working-resolution pixel map — which can be averaged along z before ``Scorer.segment`` thresholds it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
@@ -25,21 +30,26 @@ from core.thresholds import ThresholdSpec, apply_threshold, calibrate_threshold,
 
 if TYPE_CHECKING:  # pragma: no cover
     from core.embedding import SliceEmbedder
+    from core.pixels import PixelClassifier
 
 
 @dataclass(frozen=True)
 class SliceSegmentation:
     """Result on one slice.
 
-    grid_scores : (h, w) float32 patch scores S. scores : (Y, X) float32 per-pixel scores (the nearest
-    resize of the grid in thesis mode). mask : (Y, X) bool. threshold : the absolute score threshold used
-    (for top:P, the lowest selected score).
+    score_map : the raw map the scorer produced: (h, w) patch scores, or (h, w) working-resolution pixel
+    scores in best mode's pixel branch. scores : (Y, X) float32 per-pixel scores (the nearest resize of
+    the grid in thesis mode). mask : (Y, X) bool. threshold : the absolute score threshold used (for top:P,
+    the lowest selected score).
     """
 
-    grid_scores: np.ndarray
+    score_map: np.ndarray
     scores: np.ndarray
     mask: np.ndarray
     threshold: float
+
+
+# ---- pieces ---------------------------------------------------------------------------------------------
 
 
 def grid_scores(embeddings: np.ndarray, prototype: Prototype, config: PipelineConfig | None = None) -> np.ndarray:
@@ -93,7 +103,7 @@ def pixel_scores(
             raise ValueError("guided upsampling needs the slice as guide")
         patch_pixels = max(slice_shape) / max(scores_grid.shape)
         radius = max(1, int(round(patch_pixels / 2)))
-        # eps relative to the guide's variance: edges of the slice with contrast above ~10 % are kept.
+        # eps in guide units² (guide in [0, 1]): edges with contrast above ~0.1 are kept.
         upsampled = guided_filter(guide.astype(np.float32), upsampled, radius, eps=1e-2)
     return upsampled
 
@@ -135,23 +145,111 @@ def segment_scores(
     return SliceSegmentation(scores_grid.astype(np.float32), scores, mask.astype(bool), value)
 
 
-def smooth_along_z(score_maps: Sequence[np.ndarray], sigma: float) -> list[np.ndarray]:
-    """Gaussian smoothing (sigma in slices) of consecutive (h, w) score maps along z."""
-    if sigma <= 0 or len(score_maps) < 2:
-        return [np.asarray(m, dtype=np.float32) for m in score_maps]
-    volume = np.stack(score_maps).astype(np.float32)
-    smoothed = ndimage.gaussian_filter1d(volume, sigma, axis=0, mode="nearest")
-    return list(smoothed)
+def segment_pixel_map(
+    score_map: np.ndarray,
+    slice_shape: tuple[int, int],
+    config: PipelineConfig,
+    *,
+    calibrated: float | None = None,
+    threshold: ThresholdSpec | None = None,
+) -> SliceSegmentation:
+    """Threshold a working-resolution pixel score map (bilinearly brought to (Y, X))."""
+    spec = threshold or config.threshold
+    scores = score_map if score_map.shape == tuple(slice_shape) else upsample_bilinear(score_map, slice_shape)
+    mask = apply_threshold(scores, spec, calibrated)
+    value = threshold_value(scores, spec, calibrated)
+    if config.cleanup.active:
+        mask = clean_mask(mask, config.cleanup)
+    return SliceSegmentation(score_map.astype(np.float32), scores.astype(np.float32), mask.astype(bool), value)
 
 
 def scores_at_points(scores: np.ndarray, xy: np.ndarray, slice_shape: tuple[int, int]) -> np.ndarray:
-    """Score values under points (x, y): per pixel for (Y, X) maps, per patch for (h, w) grids."""
+    """Score values under points (x, y): per pixel for (Y, X) maps, per cell for coarser maps."""
     if len(xy) == 0:
         return np.zeros(0, np.float32)
     if scores.shape == tuple(slice_shape):
         return scores[xy[:, 1], xy[:, 0]].astype(np.float32)
     cells = points_to_patches(xy, slice_shape, scores.shape)
     return scores[cells[:, 0], cells[:, 1]].astype(np.float32)
+
+
+# ---- the scorer -----------------------------------------------------------------------------------------
+
+
+def _uses_patch_components(embedder: "SliceEmbedder", config: PipelineConfig) -> bool:
+    # The filter bank's patch features are pooled pixel features: appending them adds nothing.
+    return config.patch_components > 0 and embedder.backbone.spec.family != "filterbank"
+
+
+def pixel_feature_map(embedder: "SliceEmbedder", z: int, config: PipelineConfig, prototype: Prototype | None) -> np.ndarray:
+    """(h, w, F') standardised pixel features of slice z at the working resolution (core.pixels)."""
+    from core.pixels import PixelFeatureSpace, combined_features
+
+    mean, std = embedder.pixel_statistics(config.pixel_max_side)
+    projection = prototype.pixel_projection if prototype is not None else None
+    space = PixelFeatureSpace(mean, std, projection, prototype.pixel_projection_mean if prototype is not None else None)
+    patches = embedder.embed(z) if projection is not None else None
+    return combined_features(embedder.pixel_filters(z, config.pixel_max_side), space, patches)
+
+
+class Scorer:
+    """A prototype bound to a configuration; computes score maps and masks of any slice of any stack."""
+
+    def __init__(self, prototype: Prototype, config: PipelineConfig | None = None) -> None:
+        self.prototype = prototype
+        self.config = config or prototype.config
+        self.pixel_model: PixelClassifier | None = None
+        if self.config.uses_pixels:
+            if prototype.pixel_positive_examples is None or prototype.pixel_negative_examples is None:
+                raise PrototypeError(
+                    "this prototype has no pixel examples (it was made without the pixel classifier); "
+                    "rebuild it in best mode or use pixel_classifier=none"
+                )
+            from core.pixels import PixelClassifier
+
+            self.pixel_model = PixelClassifier(
+                self.config.pixel_classifier, prototype.pixel_positive_examples, prototype.pixel_negative_examples
+            )
+
+    @property
+    def pixel_level(self) -> bool:
+        return self.pixel_model is not None
+
+    def score_map(self, embedder: "SliceEmbedder", z: int) -> np.ndarray:
+        """Raw score map of slice z: (h, w) patch grid, or working-resolution pixel scores."""
+        if self.pixel_model is not None:
+            return self.pixel_model.score(pixel_feature_map(embedder, z, self.config, self.prototype))
+        return grid_scores(embedder.embed(z), self.prototype, self.config)
+
+    def segment(
+        self,
+        embedder: "SliceEmbedder",
+        z: int,
+        score_map: np.ndarray | None = None,
+        *,
+        threshold: ThresholdSpec | None = None,
+    ) -> SliceSegmentation:
+        """Mask of slice z from its (possibly z-smoothed) score map (computed when not given)."""
+        if score_map is None:
+            score_map = self.score_map(embedder, z)
+        calibrated = self.prototype.calibrated_threshold
+        if self.pixel_model is not None:
+            return segment_pixel_map(score_map, embedder.slice_shape, self.config, calibrated=calibrated, threshold=threshold)
+        guide = embedder.normalized(z) if self.config.upsampling is Upsampling.GUIDED else None
+        return segment_scores(
+            score_map, embedder.slice_shape, self.config, calibrated=calibrated, guide=guide, threshold=threshold
+        )
+
+    def full_scores(self, embedder: "SliceEmbedder", z: int, score_map: np.ndarray) -> np.ndarray:
+        """(Y, X) per-pixel scores as thresholded (for calibration and display)."""
+        if self.pixel_model is not None:
+            shape = embedder.slice_shape
+            return score_map if score_map.shape == tuple(shape) else upsample_bilinear(score_map, shape)
+        guide = embedder.normalized(z) if self.config.upsampling is Upsampling.GUIDED else None
+        return pixel_scores(score_map, embedder.slice_shape, self.config.upsampling, guide)
+
+
+# ---- building prototypes --------------------------------------------------------------------------------
 
 
 def build_prototype(
@@ -167,6 +265,8 @@ def build_prototype(
     for z in points.slices:
         if not 0 <= z < embedder.n_slices:
             raise PrototypeError(f"a point lies on slice z={z}, but the stack has slices 0-{embedder.n_slices - 1}")
+    if config.uses_pixels and len(points.negative) == 0:
+        raise PrototypeError("the pixel classifier of best mode needs negative points too; click some background")
     embeddings = {z: embedder.embed(z) for z in points.slices}
     positive, negative = collect_examples(points, embeddings.__getitem__, embedder.slice_shape)
     prototype = Prototype(
@@ -186,35 +286,49 @@ def build_prototype(
         created=now_iso(),
         backbone_label=embedder.backbone.label(),
     )
+    if config.uses_pixels:
+        prototype = _with_pixel_examples(embedder, prototype, embeddings)
     if len(negative) == 0:
         return prototype
-    calibrated = calibrate_on_points(embedder, prototype, embeddings)
-    return _with_threshold(prototype, calibrated)
+    return dataclasses.replace(prototype, calibrated_threshold=calibrate_on_points(embedder, prototype))
 
 
-def calibrate_on_points(
-    embedder: "SliceEmbedder", prototype: Prototype, embeddings: dict[int, np.ndarray]
-) -> float:
-    """Absolute threshold separating the scores under the prototype's own points (at pixel level when
-    the configuration thresholds per pixel)."""
+def _with_pixel_examples(embedder: "SliceEmbedder", prototype: Prototype, embeddings: dict[int, np.ndarray]) -> Prototype:
+    from core.pixels import example_pixels, fit_projection
+
+    config = prototype.config
+    if _uses_patch_components(embedder, config):
+        basis, mean = fit_projection(np.concatenate([e.reshape(-1, e.shape[-1]) for e in embeddings.values()]), config.patch_components)
+        prototype = dataclasses.replace(prototype, pixel_projection=basis, pixel_projection_mean=mean)
+    positive: list[np.ndarray] = []
+    negative: list[np.ndarray] = []
+    for z in prototype.points.slices:
+        features = pixel_feature_map(embedder, z, config, prototype)
+        pos_xy, neg_xy = prototype.points.on_slice(z)
+        for xy, bucket in ((pos_xy, positive), (neg_xy, negative)):
+            cells = example_pixels(xy, embedder.slice_shape, features.shape[:2], config.augment_radius)
+            bucket.append(features[cells[:, 0], cells[:, 1]])
+    return dataclasses.replace(
+        prototype,
+        pixel_positive_examples=np.concatenate(positive).astype(np.float32),
+        pixel_negative_examples=np.concatenate(negative).astype(np.float32),
+    )
+
+
+def calibrate_on_points(embedder: "SliceEmbedder", prototype: Prototype) -> float:
+    """Absolute threshold separating the scores under the prototype's own points, on the same score
+    representation that is thresholded (patch grid for nearest upsampling, pixels otherwise)."""
+    scorer = Scorer(prototype)
     positive_scores: list[np.ndarray] = []
     negative_scores: list[np.ndarray] = []
-    config = prototype.config
-    for z, embedding in embeddings.items():
-        scores = grid_scores(embedding, prototype)
-        if config.upsampling is not Upsampling.NEAREST:
-            guide = embedder.normalized(z) if config.upsampling is Upsampling.GUIDED else None
-            scores = pixel_scores(scores, embedder.slice_shape, config.upsampling, guide)
+    for z in prototype.points.slices:
+        score_map = scorer.score_map(embedder, z)
+        if scorer.pixel_level or prototype.config.upsampling is not Upsampling.NEAREST:
+            score_map = scorer.full_scores(embedder, z, score_map)
         pos_xy, neg_xy = prototype.points.on_slice(z)
-        positive_scores.append(scores_at_points(scores, pos_xy, embedder.slice_shape))
-        negative_scores.append(scores_at_points(scores, neg_xy, embedder.slice_shape))
+        positive_scores.append(scores_at_points(score_map, pos_xy, embedder.slice_shape))
+        negative_scores.append(scores_at_points(score_map, neg_xy, embedder.slice_shape))
     return calibrate_threshold(np.concatenate(positive_scores), np.concatenate(negative_scores))
-
-
-def _with_threshold(prototype: Prototype, calibrated: float) -> Prototype:
-    import dataclasses
-
-    return dataclasses.replace(prototype, calibrated_threshold=float(calibrated))
 
 
 def segment_slice(
@@ -225,10 +339,5 @@ def segment_slice(
     *,
     threshold: ThresholdSpec | None = None,
 ) -> SliceSegmentation:
-    """Embed (cached) and segment one slice with a prototype."""
-    config = config or prototype.config
-    scores = grid_scores(embedder.embed(z), prototype, config)
-    guide = embedder.normalized(z) if config.upsampling is Upsampling.GUIDED else None
-    return segment_scores(
-        scores, embedder.slice_shape, config, calibrated=prototype.calibrated_threshold, guide=guide, threshold=threshold
-    )
+    """Embed (cached) and segment one slice with a prototype (builds a Scorer; reuse one for many slices)."""
+    return Scorer(prototype, config).segment(embedder, z, threshold=threshold)

@@ -103,6 +103,10 @@ class Prototype:
 
     positive_references, negative_references : (K, D) float32 unit vectors used by the scoring method.
     positive_examples, negative_examples : (N, D) float32 unit embeddings of the clicked patches.
+    pixel_positive_examples, pixel_negative_examples : (M, F) float32 standardised pixel features at and
+        around the clicks (best mode's pixel branch, see core.pixels), or None.
+    pixel_projection, pixel_projection_mean : (D, k), (D,) PCA basis of patch embeddings appended to the
+        pixel features, or None.
     """
 
     positive_references: np.ndarray
@@ -121,6 +125,10 @@ class Prototype:
     intensity_range: tuple[float, float] | None = None
     created: str = ""
     backbone_label: str = ""
+    pixel_positive_examples: np.ndarray | None = None
+    pixel_negative_examples: np.ndarray | None = None
+    pixel_projection: np.ndarray | None = None
+    pixel_projection_mean: np.ndarray | None = None
 
     def metadata(self) -> dict:
         return {
@@ -214,8 +222,17 @@ def save_prototype(prototype: Prototype, path: str | Path, *, overwrite: bool = 
     return path
 
 
+_OPTIONAL_KEYS = ("pixel_positive_examples", "pixel_negative_examples", "pixel_projection", "pixel_projection_mean")
+
+
 def _archive_arrays(prototype: Prototype) -> dict[str, np.ndarray]:
+    optional = {
+        key: np.asarray(getattr(prototype, key), dtype=np.float32)
+        for key in _OPTIONAL_KEYS
+        if getattr(prototype, key) is not None
+    }
     return {
+        **optional,
         "positive_references": prototype.positive_references.astype(np.float32),
         "negative_references": prototype.negative_references.astype(np.float32),
         "positive_examples": prototype.positive_examples.astype(np.float32),
@@ -254,6 +271,7 @@ def load_prototype(
             if missing:
                 raise PrototypeError(f"{label}: not a Protoscope prototype file (missing {', '.join(missing)})")
             arrays = {key: archive[key] for key in _ARRAY_KEYS}
+            optional = {key: archive[key].astype(np.float32) for key in _OPTIONAL_KEYS if key in archive.files}
             metadata = json.loads(str(archive["metadata_json"]))
     except PrototypeError:
         raise
@@ -299,6 +317,10 @@ def load_prototype(
         intensity_range=tuple(intensity) if intensity else None,  # type: ignore[arg-type]
         created=str(metadata.get("created", "")),
         backbone_label=str(metadata.get("backbone_label", "")),
+        pixel_positive_examples=optional.get("pixel_positive_examples"),
+        pixel_negative_examples=optional.get("pixel_negative_examples"),
+        pixel_projection=optional.get("pixel_projection"),
+        pixel_projection_mean=optional.get("pixel_projection_mean"),
     )
 
 

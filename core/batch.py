@@ -1,0 +1,208 @@
+"""Apply a prototype to many slices: scores (optionally smoothed along z), masks, areas and volume.
+
+Work happens in two passes so that z-smoothing can see neighbours: first every needed slice is embedded
+(through the cache, so an interrupted run resumes where it stopped) and scored on the patch grid; then each
+requested slice is thresholded at full resolution and handed to a sink (a TIFF writer, a memory-mapped
+volume, ...). Progress callbacks receive (done, total, eta_seconds); ``should_stop`` cancels between slices.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+
+from core.config import PipelineConfig
+from core.pipeline import Scorer
+from core.prototypes import Prototype
+from core.thresholds import ThresholdSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from core.embedding import SliceEmbedder
+    from core.io import VoxelSize
+
+ProgressCallback = Callable[[str, int, int, float | None], None]
+"""(phase, done, total, eta_seconds or None); phase is 'embed' or 'mask'."""
+
+
+@dataclass
+class BatchResult:
+    """What a batch run produced. Areas are per requested slice, in the order requested."""
+
+    z_values: list[int]
+    area_px: list[int] = field(default_factory=list)
+    thresholds: list[float] = field(default_factory=list)
+    pixel_area_um2: float | None = None
+    z_step_um: float | None = None
+    cancelled: bool = False
+    seconds: float = 0.0
+
+    @property
+    def area_um2(self) -> list[float] | None:
+        if self.pixel_area_um2 is None:
+            return None
+        return [a * self.pixel_area_um2 for a in self.area_px]
+
+    @property
+    def volume_um3(self) -> float | None:
+        """Sum of slice areas times the z step (µm³); None without a voxel size."""
+        areas = self.area_um2
+        if areas is None or self.z_step_um is None:
+            return None
+        return float(sum(areas) * self.z_step_um)
+
+    @property
+    def volume_voxels(self) -> int:
+        return int(sum(self.area_px))
+
+    def rows(self) -> list[dict]:
+        """Per-slice table rows (z, area_px, area_um2, threshold)."""
+        areas_um2 = self.area_um2
+        return [
+            {
+                "z": z,
+                "area_px": self.area_px[i],
+                "area_um2": areas_um2[i] if areas_um2 is not None else None,
+                "threshold": self.thresholds[i],
+            }
+            for i, z in enumerate(self.z_values[: len(self.area_px)])
+        ]
+
+    def to_csv(self) -> str:
+        lines = ["z,area_px,area_um2,threshold"]
+        for row in self.rows():
+            area = "" if row["area_um2"] is None else f"{row['area_um2']:.6g}"
+            lines.append(f"{row['z']},{row['area_px']},{area},{row['threshold']:.6g}")
+        return "\n".join(lines) + "\n"
+
+
+def _eta(start: float, done: int, total: int) -> float | None:
+    if done == 0:
+        return None
+    return (time.perf_counter() - start) / done * (total - done)
+
+
+def neighbourhood(z: int, sigma: float, n_slices: int) -> list[int]:
+    """Slices within 2·sigma of z (inclusive), clipped to the stack."""
+    if sigma <= 0:
+        return [z]
+    radius = int(math.ceil(2 * sigma))
+    return list(range(max(0, z - radius), min(n_slices, z + radius + 1)))
+
+
+def z_smoothed(maps: dict[int, np.ndarray], z: int, sigma: float, n_slices: int) -> np.ndarray:
+    """Gaussian-weighted mean of the score maps around z (weights renormalised at the stack ends)."""
+    if sigma <= 0:
+        return maps[z]
+    zs = neighbourhood(z, sigma, n_slices)
+    weights = np.exp(-0.5 * ((np.asarray(zs) - z) / sigma) ** 2)
+    stacked = np.stack([maps[k] for k in zs])
+    return (np.tensordot(weights, stacked, axes=1) / weights.sum()).astype(np.float32)
+
+
+def apply_prototype(
+    embedder: "SliceEmbedder",
+    prototype: Prototype,
+    z_values: Sequence[int],
+    sink: Callable[[int, np.ndarray], None],
+    *,
+    config: PipelineConfig | None = None,
+    threshold: ThresholdSpec | None = None,
+    voxel_size: "VoxelSize | None" = None,
+    on_progress: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> BatchResult:
+    """Segment ``z_values`` (in that order) with ``prototype`` and pass each (Y, X) bool mask to ``sink(z, mask)``.
+
+    Phase 'embed' embeds (through the cache) every requested slice and its z-neighbours; phase 'mask'
+    scores, smooths along z, thresholds and hands each mask to the sink. Score maps are kept only for the
+    z window that smoothing needs.
+    """
+    scorer = Scorer(prototype, config)
+    config = scorer.config
+    for z in z_values:
+        if not 0 <= z < embedder.n_slices:
+            raise ValueError(f"slice z={z} is outside the stack (0-{embedder.n_slices - 1})")
+    started = time.perf_counter()
+    result = BatchResult(z_values=list(z_values))
+    if voxel_size is not None:
+        result.pixel_area_um2 = float(voxel_size.x * voxel_size.y)
+        result.z_step_um = float(voxel_size.z)
+    needs_patches = not scorer.pixel_level or prototype.pixel_projection is not None
+    if needs_patches:
+        needed = sorted({k for z in z_values for k in neighbourhood(z, config.z_sigma, embedder.n_slices)})
+        todo = [z for z in needed if z not in embedder.cached_slices()] if embedder.cache is not None else needed
+        start = time.perf_counter()
+        for index, z in enumerate(todo):
+            if should_stop is not None and should_stop():
+                result.cancelled = True
+                result.seconds = time.perf_counter() - started
+                return result
+            embedder.embed(z)
+            if on_progress is not None:
+                on_progress("embed", index + 1, len(todo), _eta(start, index + 1, len(todo)))
+    maps: dict[int, np.ndarray] = {}
+    start = time.perf_counter()
+    for index, z in enumerate(z_values):
+        if should_stop is not None and should_stop():
+            result.cancelled = True
+            break
+        window = neighbourhood(z, config.z_sigma, embedder.n_slices)
+        for k in window:
+            if k not in maps:
+                maps[k] = scorer.score_map(embedder, k)
+        segmentation = scorer.segment(embedder, z, z_smoothed(maps, z, config.z_sigma, embedder.n_slices), threshold=threshold)
+        sink(z, segmentation.mask)
+        result.area_px.append(int(segmentation.mask.sum()))
+        result.thresholds.append(float(segmentation.threshold))
+        for k in [k for k in maps if k not in window]:
+            del maps[k]
+        if on_progress is not None:
+            on_progress("mask", index + 1, len(z_values), _eta(start, index + 1, len(z_values)))
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+class MaskVolume:
+    """A (N, Y, X) uint8 0/255 volume in a memory-mapped temporary file, filled slice by slice.
+
+    ``index_of`` maps stack z to the position in the volume. Used by the app's batch page, whose results
+    may be larger than RAM.
+    """
+
+    def __init__(self, z_values: Sequence[int], slice_shape: tuple[int, int], directory: str | Path | None = None) -> None:
+        self.z_values = list(z_values)
+        self.index_of = {z: i for i, z in enumerate(self.z_values)}
+        handle = tempfile.NamedTemporaryFile(prefix="protoscope-masks-", suffix=".u8", dir=directory, delete=False)
+        handle.close()
+        self.path = Path(handle.name)
+        self.array = np.lib.format.open_memmap(
+            self.path.with_suffix(".npy"), mode="w+", dtype=np.uint8, shape=(len(self.z_values), *slice_shape)
+        )
+        self.path.unlink(missing_ok=True)
+        self.path = self.path.with_suffix(".npy")
+        self.filled: set[int] = set()
+
+    def __call__(self, z: int, mask: np.ndarray) -> None:
+        self.array[self.index_of[z]] = np.where(mask, 255, 0).astype(np.uint8)
+        self.filled.add(z)
+
+    def full_stack(self, n_slices: int) -> np.ndarray:
+        """(n_slices, Y, X) uint8 memmap with zeros where no slice was segmented (for writing into .ims)."""
+        if self.z_values == list(range(n_slices)):
+            return self.array
+        path = self.path.with_name(self.path.stem + "-full.npy")
+        full = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n_slices, *self.array.shape[1:]))
+        for z, i in self.index_of.items():
+            full[z] = self.array[i]
+        return full
+
+    def close(self) -> None:
+        del self.array
+        for path in self.path.parent.glob(self.path.stem + "*"):
+            path.unlink(missing_ok=True)

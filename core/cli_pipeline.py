@@ -1,0 +1,391 @@
+"""CLI commands of the prototype pipeline: ``prototype``, ``apply``, ``evaluate`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from core.config import PipelineConfig, parse_option_assignments
+from core.errors import BackboneError, ProtoscopeError
+
+# ---- shared options -----------------------------------------------------------------------------------
+
+
+def add_backbone_options(parser: argparse.ArgumentParser, *, multiple: bool = False) -> None:
+    if multiple:
+        parser.add_argument("--backbone", nargs="+", default=None, metavar="NAME",
+                            help="one or more backbones (default: filterbank unless DINOv2 S/14 weights are cached)")
+    else:
+        parser.add_argument("--backbone", default=None, metavar="NAME",
+                            help="feature backbone, e.g. dinov2_vits14, dinov2_vitg14_reg, filterbank "
+                                 "(default: filterbank unless DINOv2 S/14 weights are cached)")
+    parser.add_argument("--weights", default="hub", metavar="SPEC",
+                        help="DINOv2 weights: 'hub' (Hugging Face download/cache), a local Hugging Face model folder "
+                             "or Meta's dinov2_*_pretrain.pth file, or 'random' (timing only, results meaningless)")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    parser.add_argument("--backbone-config", default=None, metavar="JSON", help=argparse.SUPPRESS)
+
+
+def add_cache_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache", default=None, metavar="DIR",
+                        help="embedding cache folder (default: $PROTOSCOPE_CACHE or ~/.cache/protoscope/embeddings)")
+    parser.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+
+
+def open_cache(args: argparse.Namespace):
+    from core.embedding_cache import EmbeddingCache
+
+    if getattr(args, "no_cache", False):
+        return None
+    return EmbeddingCache(args.cache)
+
+
+def load_backbone_from_args(name: str | None, args: argparse.Namespace, *, weights: str | None = None, seed: int = 0,
+                            overrides: dict | None = None):
+    from core.backbones import default_backbone_name, load_backbone
+
+    name = name or default_backbone_name()
+    if overrides is None and args.backbone_config:
+        try:
+            overrides = json.loads(args.backbone_config)
+        except json.JSONDecodeError as error:
+            raise ProtoscopeError(f"--backbone-config is not valid JSON: {error}") from None
+    backbone = load_backbone(name, weights or args.weights, device=args.device, seed=seed, config_overrides=overrides)
+    announce_backbone(backbone)
+    return backbone
+
+
+def announce_backbone(backbone) -> None:
+    print(f"backbone: {backbone.label()}", file=sys.stderr)
+    if backbone.is_random:
+        print("WARNING: RANDOM WEIGHTS — for timing and plumbing only; the masks mean nothing.", file=sys.stderr)
+
+
+def default_channel(stack, requested: int | None) -> int:
+    """The channel to segment: as requested, else the penultimate channel of a multi-channel .ims file
+    (the lab convention: last channel = expert mask), else channel 0."""
+    if requested is not None:
+        return stack.resolve_channel(requested)
+    if stack.format == "ims" and stack.shape[1] >= 2:
+        return stack.shape[1] - 2
+    return 0
+
+
+class StderrProgress:
+    """A tqdm progress bar on stderr per phase, fed by the (phase, done, total, eta) callbacks."""
+
+    def __init__(self, descriptions: dict[str, str]) -> None:
+        self.descriptions = descriptions
+        self.bars: dict = {}
+
+    def __call__(self, phase: str, done: int, total: int, eta: float | None) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(phase)
+        if bar is None:
+            bar = self.bars[phase] = tqdm(total=total, desc=self.descriptions.get(phase, phase), unit="slice",
+                                          file=sys.stderr, leave=True, dynamic_ncols=True)
+        bar.update(done - bar.n)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+# ---- prototype ----------------------------------------------------------------------------------------
+
+
+def cmd_prototype(args: argparse.Namespace) -> int:
+    from core.embedding import SliceEmbedder
+    from core.io import open_stack
+    from core.pipeline import build_prototype
+    from core.prototypes import PointSet, save_prototype
+
+    points = PointSet.load(args.points)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ProtoscopeError(f"{out} already exists; choose another --out or add --overwrite")
+    config = PipelineConfig.for_mode(args.mode).with_options(**parse_option_assignments(args.option))
+    backbone = load_backbone_from_args(args.backbone, args)
+    with open_stack(args.stack) as stack:
+        channel = default_channel(stack, args.channel)
+        print(f"stack: {stack.path.name} {stack.shape} (Z, C, Y, X), channel {channel} ({stack.channel_names[channel]})",
+              file=sys.stderr)
+        embedder = SliceEmbedder(stack, channel, backbone, config.preprocess, cache=open_cache(args),
+                                 timepoint=args.timepoint)
+        prototype = build_prototype(embedder, points, config)
+    save_prototype(prototype, out, overwrite=args.overwrite)
+    print(f"wrote {out}: {prototype.summary()}")
+    return 0
+
+
+# ---- apply --------------------------------------------------------------------------------------------
+
+
+def weights_for_prototype(weights_id: str) -> tuple[str, int, dict | None]:
+    """How to load the weights a prototype was made with: (weights spec, seed, config overrides)."""
+    if weights_id.startswith("file:"):
+        return weights_id[len("file:"):].rsplit("#", 1)[0], 0, None
+    if weights_id.startswith("random"):
+        parts = weights_id.split(":", 2)
+        seed = int(parts[1].removeprefix("seed")) if len(parts) > 1 and parts[1].startswith("seed") else 0
+        overrides = None
+        if len(parts) > 2 and parts[2]:
+            overrides = {}
+            for item in parts[2].split(","):
+                key, _, value = item.partition("=")
+                try:
+                    overrides[key] = json.loads(value)
+                except json.JSONDecodeError:
+                    overrides[key] = value
+        return "random", seed, overrides
+    return "hub", 0, None
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from core.batch import apply_prototype
+    from core.embedding import SliceEmbedder
+    from core.io import open_stack
+    from core.mask_writers import TiffMaskWriter
+    from core.prototypes import load_prototype
+    from core.thresholds import ThresholdSpec
+    from core.zspec import parse_z_spec
+
+    prototype = load_prototype(args.prototype)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ProtoscopeError(f"{out} already exists; choose another --out or add --overwrite")
+    weights, seed, overrides = weights_for_prototype(prototype.weights_id)
+    if args.weights != "hub" or args.backbone_config:
+        weights, overrides = args.weights, None
+    backbone = load_backbone_from_args(prototype.backbone, args, weights=weights, seed=seed, overrides=overrides)
+    if backbone.weights_id != prototype.weights_id:
+        print(f"WARNING: the prototype was made with weights {prototype.weights_id}, now using {backbone.weights_id}; "
+              "embeddings from other weights do not match the prototype", file=sys.stderr)
+    config = prototype.config.with_options(**parse_option_assignments(args.option))
+    threshold = ThresholdSpec.parse(args.threshold) if args.threshold else None
+    with open_stack(args.stack) as stack:
+        channel = default_channel(stack, args.channel)
+        z_values = parse_z_spec(args.z, stack.shape[0])
+        print(f"stack: {stack.path.name} {stack.shape} (Z, C, Y, X), channel {channel}, {len(z_values)} slice(s); "
+              f"{config.describe()}" + (f", threshold {threshold}" if threshold else ""), file=sys.stderr)
+        embedder = SliceEmbedder(stack, channel, backbone, config.preprocess, cache=open_cache(args), timepoint=args.timepoint)
+        progress = StderrProgress({"embed": "embed+score", "mask": "masks"})
+        try:
+            with TiffMaskWriter(out, voxel_size=stack.voxel_size, overwrite=args.overwrite) as writer:
+                result = apply_prototype(embedder, prototype, z_values, lambda z, mask: writer.write(mask),
+                                         config=config, threshold=threshold, voxel_size=stack.voxel_size,
+                                         on_progress=progress)
+        finally:
+            progress.close()
+    if args.areas:
+        Path(args.areas).write_text(result.to_csv(), encoding="utf-8")
+    volume = result.volume_um3
+    print(f"wrote {out}: {len(result.area_px)} slice(s), {result.volume_voxels} mask voxels"
+          + (f", volume {volume:.6g} µm³" if volume is not None else ""))
+    return 0
+
+
+# ---- evaluate -----------------------------------------------------------------------------------------
+
+
+def parse_variant(text: str) -> tuple[str, str, dict[str, str]]:
+    """'name=base:opt=v,opt=v' or 'base:opt=v' -> (name, base mode, options)."""
+    head, _, options_text = text.partition(":")
+    name, _, base = head.partition("=")
+    if not base:
+        base = name
+        name = text
+    if base not in ("thesis", "best"):
+        raise ProtoscopeError(f"variant {text!r}: the base must be thesis or best (e.g. 'knn=best:scoring=knn')")
+    options = parse_option_assignments([item for item in options_text.split(",") if item]) if options_text else {}
+    return name, base, options
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from core.protocol import EvalStack, Method, ProtocolSettings, evaluate
+
+    if args.mask_channel is None and not args.mask_file:
+        raise ProtoscopeError("give --mask-channel M (ground truth inside the stack) or --mask-file FILE ... (one per stack)")
+    if args.mask_file and len(args.mask_file) != len(args.stacks):
+        raise ProtoscopeError(f"got {len(args.stacks)} stacks but {len(args.mask_file)} mask files; give one mask file per stack")
+    stacks = [
+        EvalStack(Path(path), args.image_channel, mask_channel=args.mask_channel,
+                  mask_path=Path(args.mask_file[i]) if args.mask_file else None)
+        for i, path in enumerate(args.stacks)
+    ]
+    methods: list[Method] = []
+    for mode in args.mode:
+        methods.append(Method(mode, PipelineConfig.for_mode(mode).with_options(**parse_option_assignments(args.option))))
+    for text in args.variant or []:
+        name, base, options = parse_variant(text)
+        methods.append(Method(name, PipelineConfig.for_mode(base).with_options(**options)))
+    for baseline in args.baseline or []:
+        methods.append(Method(baseline, None))
+    pipeline_methods = [m for m in methods if m.config is not None]
+    if not methods:
+        raise ProtoscopeError("nothing to evaluate: give --mode, --variant or --baseline")
+    backbones = [load_backbone_from_args(name, args) for name in (args.backbone or [None])] if pipeline_methods else []
+    settings = ProtocolSettings(
+        n_points=args.points, seeds=tuple(range(args.seeds)), n_slices=args.slices, skip_ends=args.skip_ends,
+        margin_px=args.margin, settings=tuple(args.settings),
+    )
+    result = evaluate(stacks, methods, backbones, settings, cache=open_cache(args),
+                      log=lambda message: print(message, file=sys.stderr))
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(format_summary(result))
+    if args.csv or args.json:
+        csv_path = Path(args.csv) if args.csv else Path(args.json).with_suffix(".csv")
+        write_rows_csv(result.rows, csv_path)
+        print(f"per-slice results: {csv_path}", file=sys.stderr)
+    if args.json:
+        payload = {
+            "command": "python -m core " + " ".join(sys.argv[1:]),
+            "stacks": result.stacks,
+            "slices": result.slices,
+            "notes": result.notes,
+            "settings": dataclasses.asdict(settings),
+            "methods": {m.name: (m.config.as_dict() if m.config else "baseline") for m in methods},
+            "backbones": [b.label() for b in backbones],
+            "summary": result.summary(),
+            "transfer": {
+                f"{m.name}|{b.spec.name if b else '-'}": _matrix_json(result.transfer_matrix(m.name, b.spec.name if b else "-"))
+                for m in methods if m.name != "otsu" for b in (backbones if m.config else [None])
+            },
+            "seconds": result.seconds,
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=1, default=_json_default), encoding="utf-8")
+        print(f"summary: {args.json}", file=sys.stderr)
+    return 0
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, tuple):
+        return list(value)
+    return str(value)
+
+
+def _matrix_json(matrix: dict) -> dict:
+    return {ref: {target: {"mean": mean, "std": std} for target, (mean, std) in row.items()} for ref, row in matrix.items()}
+
+
+def write_rows_csv(rows: list[dict], path: Path) -> None:
+    if not rows:
+        path.write_text("", encoding="utf-8")
+        return
+    with open(path, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def format_summary(result) -> str:
+    lines = [f"{'method':<16} {'backbone':<18} {'setting':<11} {'n':>5}  {'Dice':>13}  {'IoU':>13}  {'HD95 px':>15}"]
+    for entry in result.summary():
+        lines.append(
+            f"{entry['method']:<16} {entry['backbone']:<18} {entry['setting']:<11} {entry['n']:>5}  "
+            f"{entry['dice']:.3f} ± {entry['dice_std']:.3f}  {entry['iou']:.3f} ± {entry['iou_std']:.3f}  "
+            f"{entry['hd95_px']:7.1f} ± {entry['hd95_px_std']:5.1f}"
+        )
+    return "\n".join(lines)
+
+
+# ---- demo ---------------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from core.demo import DEMO_DIR, ensure_demo, write_demo
+
+    if args.ensure:
+        path = ensure_demo(Path(args.out) if args.out else DEMO_DIR)
+    else:
+        path = write_demo(Path(args.out) if args.out else DEMO_DIR, overwrite=args.overwrite)
+    print(f"demo stack: {path}", file=sys.stderr)
+    return 0
+
+
+# ---- registration -------------------------------------------------------------------------------------
+
+
+def register(subparsers) -> None:
+    prototype = subparsers.add_parser(
+        "prototype", help="build prototypes from clicked points and save them (.npz)",
+        description="Build prototypes from POINTS.json ({\"positive\": [[x, y, z], ...], \"negative\": [...]}, "
+                    "x = column, y = row, z = slice, original pixels) and save them with their settings.")
+    prototype.add_argument("stack", help="the stack the points were clicked on (.ims, .tif, image or folder)")
+    prototype.add_argument("--points", required=True, help="POINTS.json")
+    prototype.add_argument("--out", required=True, help="output prototype file (.npz)")
+    prototype.add_argument("--channel", type=int, default=None,
+                           help="image channel (negative counts from the end; default: penultimate channel of an .ims, else 0)")
+    prototype.add_argument("--timepoint", type=int, default=0, help="time point (default 0)")
+    prototype.add_argument("--mode", choices=("thesis", "best"), default="best",
+                           help="thesis: the thesis pipeline exactly; best: our recommended settings (default)")
+    prototype.add_argument("--option", action="append", metavar="NAME=VALUE",
+                           help="override one pipeline setting, e.g. scoring=knn, threshold=otsu, z_sigma=1 (repeatable)")
+    prototype.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_backbone_options(prototype)
+    add_cache_options(prototype)
+    prototype.set_defaults(func=cmd_prototype)
+
+    apply = subparsers.add_parser(
+        "apply", help="segment slices of a stack with saved prototypes (multi-page TIFF of masks)",
+        description="Apply a prototype file to slices of a stack. Writes a multi-page uint8 TIFF (0/255), one page per "
+                    "requested slice in the order given, at the original slice size.")
+    apply.add_argument("stack")
+    apply.add_argument("--prototype", required=True, help="prototype file from 'prototype' or the app (.npz)")
+    apply.add_argument("--out", required=True, help="output TIFF (.tif)")
+    apply.add_argument("--channel", type=int, default=None,
+                       help="image channel (default: penultimate channel of an .ims, else 0)")
+    apply.add_argument("--timepoint", type=int, default=0)
+    apply.add_argument("--z", default="all", metavar="SPEC", help="slices: 5 | 3,7,9 | 0:40 | all (default all)")
+    apply.add_argument("--threshold", default=None, metavar="SPEC",
+                       help="top:P | score:T | otsu | calibrated (default: the prototype's own)")
+    apply.add_argument("--option", action="append", metavar="NAME=VALUE", help="override a pipeline setting (repeatable)")
+    apply.add_argument("--areas", default=None, metavar="CSV", help="also write per-slice areas (px, µm²) to this CSV")
+    apply.add_argument("--overwrite", action="store_true")
+    add_backbone_options(apply)
+    add_cache_options(apply)
+    apply.set_defaults(func=cmd_apply)
+
+    evaluate_parser = subparsers.add_parser(
+        "evaluate", help="the thesis's evaluation protocol on stacks with ground truth",
+        description="Sample points from the ground truth (seeded, with a boundary margin), build prototypes per slice and "
+                    "report Dice/IoU/HD95 for same-slice, same-file and cross-file transfer.")
+    evaluate_parser.add_argument("stacks", nargs="+", metavar="STACK")
+    evaluate_parser.add_argument("--image-channel", type=int, required=True, help="image channel (e.g. -2)")
+    evaluate_parser.add_argument("--mask-channel", type=int, default=None, help="ground-truth channel (e.g. -1)")
+    evaluate_parser.add_argument("--mask-file", nargs="+", default=None,
+                                 help="ground-truth stacks, one per STACK in the same order (foreground = value > 0)")
+    evaluate_parser.add_argument("--mode", nargs="+", choices=("thesis", "best"), default=["thesis", "best"])
+    evaluate_parser.add_argument("--variant", action="append", metavar="NAME=BASE:OPT=V,...",
+                                 help="an extra pipeline variant, e.g. 'knn=best:scoring=knn' (repeatable)")
+    evaluate_parser.add_argument("--baseline", nargs="*", choices=("otsu", "intensity"), default=None,
+                                 help="also run these baselines")
+    evaluate_parser.add_argument("--option", action="append", metavar="NAME=VALUE", help="override a setting of --mode runs")
+    evaluate_parser.add_argument("--points", type=int, default=25, help="positive and negative points per slice (25)")
+    evaluate_parser.add_argument("--seeds", type=int, default=3, help="number of seeds (3)")
+    evaluate_parser.add_argument("--slices", type=int, default=100, help="evaluated slices per stack (100)")
+    evaluate_parser.add_argument("--skip-ends", type=int, default=40, help="slices skipped at each end (40)")
+    evaluate_parser.add_argument("--margin", type=int, default=None, help="boundary margin in px (default: half a patch)")
+    evaluate_parser.add_argument("--settings", nargs="+", default=["same-slice", "same-file", "cross-file"],
+                                 choices=("same-slice", "same-file", "cross-file"))
+    evaluate_parser.add_argument("--json", default=None, help="write the summary JSON here (and per-slice CSV beside it)")
+    evaluate_parser.add_argument("--csv", default=None, help="write per-slice rows here")
+    add_backbone_options(evaluate_parser, multiple=True)
+    add_cache_options(evaluate_parser)
+    evaluate_parser.set_defaults(func=cmd_evaluate)
+
+    demo = subparsers.add_parser("demo", help="write the synthetic demo stack (assets/demo)")
+    demo.add_argument("--out", default=None, help="folder (default assets/demo)")
+    demo.add_argument("--ensure", action="store_true", help="only if missing")
+    demo.add_argument("--overwrite", action="store_true")
+    demo.set_defaults(func=cmd_demo)

@@ -1,0 +1,146 @@
+"""The pixel branch of best mode: a small classifier on per-pixel features, trained on the user's clicks.
+
+Patch prototypes on a 14-px grid cannot follow thin structures, and cosine similarity over many
+standardised filters dilutes the intensity signal (PIPELINE.md part B). ilastik and convpaint instead
+train a classifier on the clicked pixels' filter responses; a pixel-classification benchmark found
+DINO + filter features best. This module does that, as an option of the prototype pipeline:
+
+features   filter-bank responses (``core.filterbank``) of the normalised slice at a working resolution
+           (the slice itself, or shrunk so its longer side is at most ``max_side`` px), standardised with
+           statistics pooled over the stack (each stack with its own, so that transfer sees comparable
+           scales), optionally followed by the first ``patch_components`` principal components of the
+           backbone's patch embeddings, bilinearly upsampled (the "DINO + filters" combination).
+examples   the feature vectors at every click and at the pixels within ``augment_radius`` of it.
+classifier ``forest`` (a random forest, 50 trees, as ilastik) or ``linear`` (logistic regression), fitted
+           on the examples. Prototype files store the examples, not the fitted model (no pickles): the
+           model is re-fitted deterministically (fixed seed) when the prototype is loaded.
+score      2·p(structure) - 1, in [-1, 1], at the working resolution, upsampled bilinearly to the slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
+
+from core import filterbank
+from core.preprocess import resize
+
+CLASSIFIERS = ("none", "forest", "linear")
+
+
+@dataclass(frozen=True)
+class PixelFeatureSpace:
+    """How pixel features are made, and the stack statistics that standardise them.
+
+    mean, std : (F,) float32 statistics of this stack's filter-bank features (working resolution).
+    projection : (D, k) float32 PCA basis of patch embeddings (k = patch_components) or None.
+    projection_mean : (D,) float32 mean removed before projecting, or None.
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    projection: np.ndarray | None = None
+    projection_mean: np.ndarray | None = None
+
+
+def working_shape(slice_shape: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """(rows, cols) of the working resolution: the slice, shrunk to a longer side of ``max_side`` px."""
+    height, width = slice_shape
+    scale = min(1.0, max_side / max(height, width))
+    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+
+
+def filter_features(normalized: np.ndarray, max_side: int) -> np.ndarray:
+    """(Y, X) float32 slice in [0, 1] -> (h, w, F) float32 filter-bank features at the working resolution."""
+    shape = working_shape(normalized.shape, max_side)
+    image = resize(normalized, shape) if shape != normalized.shape else normalized.astype(np.float32)
+    return filterbank.pixel_features(image)
+
+
+def feature_statistics(feature_maps: list[np.ndarray], max_samples: int = 400_000) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled per-feature mean and std over several (h, w, F) maps (subsampled to ``max_samples`` rows)."""
+    rows = sum(m.shape[0] * m.shape[1] for m in feature_maps)
+    step = max(1, rows // max_samples)
+    pooled = np.concatenate([m.reshape(-1, m.shape[-1])[::step] for m in feature_maps])
+    return filterbank.feature_statistics(pooled)
+
+
+def fit_projection(patch_embeddings: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray]:
+    """PCA basis of (..., D) patch embeddings: ((D, k) basis, (D,) mean), k = min(components, D)."""
+    flat = patch_embeddings.reshape(-1, patch_embeddings.shape[-1]).astype(np.float64)
+    mean = flat.mean(axis=0)
+    _, _, vt = np.linalg.svd(flat - mean, full_matrices=False)
+    k = min(components, vt.shape[0])
+    # Scale so that every component has unit variance, comparable with the standardised filters.
+    scores_std = np.std((flat - mean) @ vt[:k].T, axis=0)
+    basis = vt[:k].T / np.maximum(scores_std, 1e-6)
+    return basis.astype(np.float32), mean.astype(np.float32)
+
+
+def combined_features(
+    filters: np.ndarray,
+    space: PixelFeatureSpace,
+    patch_embeddings: np.ndarray | None = None,
+) -> np.ndarray:
+    """Standardised filters, plus projected and upsampled patch embeddings when the space has a projection.
+
+    filters : (h, w, F) raw filter features. patch_embeddings : (gh, gw, D). Returns (h, w, F [+ k]) float32.
+    """
+    standardized = filterbank.standardize(filters, space.mean, space.std)
+    if space.projection is None or patch_embeddings is None:
+        return standardized
+    from core.grid import upsample_bilinear
+
+    projected = (patch_embeddings.reshape(-1, patch_embeddings.shape[-1]) - space.projection_mean) @ space.projection
+    grid = projected.reshape(*patch_embeddings.shape[:2], -1)
+    upsampled = np.stack([upsample_bilinear(grid[..., i], filters.shape[:2]) for i in range(grid.shape[-1])], axis=-1)
+    return np.concatenate([standardized, upsampled.astype(np.float32)], axis=-1)
+
+
+def example_pixels(xy: np.ndarray, slice_shape: tuple[int, int], work_shape: tuple[int, int], radius: int) -> np.ndarray:
+    """Working-resolution (row, col) of the clicks and of every pixel within ``radius`` of each click.
+
+    xy : (N, 2) x = column, y = row in original pixels. Returns (M, 2) int64, clipped to the image.
+    """
+    if len(xy) == 0:
+        return np.zeros((0, 2), np.int64)
+    scale_y = work_shape[0] / slice_shape[0]
+    scale_x = work_shape[1] / slice_shape[1]
+    rows = np.floor((xy[:, 1] + 0.5) * scale_y).astype(np.int64)
+    cols = np.floor((xy[:, 0] + 0.5) * scale_x).astype(np.int64)
+    offsets = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1) if dy * dy + dx * dx <= radius * radius]
+    out_rows = np.concatenate([rows + dy for dy, _ in offsets])
+    out_cols = np.concatenate([cols + dx for _, dx in offsets])
+    return np.stack([np.clip(out_rows, 0, work_shape[0] - 1), np.clip(out_cols, 0, work_shape[1] - 1)], axis=1)
+
+
+class PixelClassifier:
+    """A classifier fitted on standardised example features; ``score`` gives 2·p - 1 per pixel."""
+
+    def __init__(self, kind: str, positive: np.ndarray, negative: np.ndarray, *, n_trees: int = 50, seed: int = 0) -> None:
+        if kind not in ("forest", "linear"):
+            raise ValueError(f"unknown pixel classifier {kind!r}; use forest or linear")
+        if len(positive) == 0 or len(negative) == 0:
+            raise ValueError("the pixel classifier needs positive and negative clicks")
+        features = np.concatenate([positive, negative]).astype(np.float32)
+        labels = np.concatenate([np.ones(len(positive)), np.zeros(len(negative))]).astype(np.int64)
+        # Balanced classes: clicks are few and their numbers per class are arbitrary.
+        if kind == "forest":
+            self.model = RandomForestClassifier(
+                n_estimators=n_trees, min_samples_leaf=2, class_weight="balanced", random_state=seed, n_jobs=1
+            )
+        else:
+            self.model = LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000)
+        self.model.fit(features, labels)
+        self.kind = kind
+
+    def score(self, features: np.ndarray, chunk_rows: int = 262_144) -> np.ndarray:
+        """(h, w, F) standardised features -> (h, w) float32 in [-1, 1]."""
+        flat = features.reshape(-1, features.shape[-1])
+        out = np.empty(flat.shape[0], np.float32)
+        for start in range(0, flat.shape[0], chunk_rows):
+            out[start : start + chunk_rows] = self.model.predict_proba(flat[start : start + chunk_rows])[:, 1]
+        return (2.0 * out - 1.0).reshape(features.shape[:2])

@@ -1,0 +1,368 @@
+"""The thesis's evaluation protocol (§3.8, PIPELINE.md A.3 and C), for any backbone and pipeline variant.
+
+For every stack: pick evenly spaced slices (100, skipping 40 at each end, when the stack is deep enough);
+for every slice and seed, sample positive and negative points from the ground truth (margin from the
+boundary), build prototypes on that slice and score:
+
+- ``same-slice``: the slice the points came from;
+- ``same-file``:  one reference slice per stack and seed (chosen at random, seeded), applied to every other
+                  evaluated slice of the same stack;
+- ``cross-file``: the same reference prototypes applied to every evaluated slice of every other stack
+                  (the transfer matrix, thesis Fig. 4.9 / Table B.1).
+
+Methods are pipeline variants (``thesis``, ``best`` and any options on top) and two baselines a user
+could script without us: ``otsu`` (Otsu's threshold of the raw slice) and ``intensity`` (Gaussian-smoothed
+intensity, sigma 2 px; the mean smoothed intensity at the positive and at the negative points; threshold
+halfway between them — transferred as that raw intensity value).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+
+from core.batch import neighbourhood, z_smoothed
+from core.config import PipelineConfig
+from core.embedding import SliceEmbedder
+from core.embedding_cache import EmbeddingCache
+from core.errors import ProtoscopeError, StackError
+from core.io import Stack, open_stack
+from core.metrics import segmentation_scores, summarize
+from core.pipeline import Scorer, build_prototype
+from core.prototypes import PointSet, Prototype
+from core.sampling import sample_points
+
+BASELINES = ("otsu", "intensity")
+SETTINGS = ("same-slice", "same-file", "cross-file")
+
+
+@dataclass(frozen=True)
+class EvalStack:
+    """One stack with ground truth: the image channel, and the truth as a channel or a separate file."""
+
+    image_path: Path
+    image_channel: int
+    mask_channel: int | None = None
+    mask_path: Path | None = None
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.image_path).stem
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named pipeline variant, or a baseline (config None)."""
+
+    name: str
+    config: PipelineConfig | None = None
+
+
+@dataclass(frozen=True)
+class ProtocolSettings:
+    n_points: int = 25
+    seeds: tuple[int, ...] = (0, 1, 2)
+    n_slices: int = 100
+    skip_ends: int = 40
+    margin_px: int | None = None  # None: half a patch in original pixels
+    settings: tuple[str, ...] = SETTINGS
+
+
+@dataclass
+class EvaluationResult:
+    rows: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    stacks: list[str] = field(default_factory=list)
+    slices: dict[str, list[int]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> list[dict]:
+        """Mean ± std of Dice, IoU and HD95 per (method, backbone, setting)."""
+        groups: dict[tuple[str, str, str], list[dict]] = {}
+        for row in self.rows:
+            groups.setdefault((row["method"], row["backbone"], row["setting"]), []).append(row)
+        table = []
+        for (method, backbone, setting), rows in groups.items():
+            entry = {"method": method, "backbone": backbone, "setting": setting, "n": len(rows)}
+            for metric in ("dice", "iou", "hd95_px", "hd95_um"):
+                values = [r[metric] for r in rows if r.get(metric) is not None]
+                mean, std = summarize(values) if values else (float("nan"), float("nan"))
+                entry[metric] = mean
+                entry[f"{metric}_std"] = std
+            table.append(entry)
+        return table
+
+    def transfer_matrix(self, method: str, backbone: str) -> dict:
+        """Mean Dice by (reference stack, target stack): same-file on the diagonal, cross-file elsewhere."""
+        cells: dict[tuple[str, str], list[float]] = {}
+        for row in self.rows:
+            if row["method"] != method or row["backbone"] != backbone or row["setting"] not in ("same-file", "cross-file"):
+                continue
+            cells.setdefault((row["ref_stack"], row["stack"]), []).append(row["dice"])
+        matrix = {}
+        for ref in self.stacks:
+            matrix[ref] = {}
+            for target in self.stacks:
+                values = cells.get((ref, target), [])
+                matrix[ref][target] = summarize(values) if values else (float("nan"), float("nan"))
+        return matrix
+
+
+# ---- slices and truth ---------------------------------------------------------------------------------
+
+def select_slices(n_z: int, n_slices: int = 100, skip_ends: int = 40) -> tuple[list[int], str | None]:
+    """Evenly spaced slices between ``skip_ends`` and ``n_z - 1 - skip_ends`` (thesis: 100, skipping 40).
+
+    When the stack is too shallow to skip that many, the skip shrinks (and a note says so).
+    Returns (sorted z list, note or None).
+    """
+    note = None
+    skip = skip_ends
+    if n_z - 2 * skip < 1:
+        skip = max(0, (n_z - min(n_slices, n_z)) // 2)
+        note = f"stack has {n_z} slices: skipping {skip} (not {skip_ends}) at each end"
+    first, last = skip, n_z - 1 - skip
+    count = min(n_slices, last - first + 1)
+    z_values = np.unique(np.linspace(first, last, count).round().astype(int))
+    return [int(z) for z in z_values], note
+
+
+class TruthReader:
+    """Ground-truth masks of one EvalStack: (Y, X) bool, truth = value > 0."""
+
+    def __init__(self, spec: EvalStack, image: Stack) -> None:
+        self.spec = spec
+        if spec.mask_path is not None:
+            self.stack = open_stack(spec.mask_path)
+            self.channel = 0
+            if self.stack.shape[0] != image.shape[0] or self.stack.shape[2:] != image.shape[2:]:
+                raise StackError(
+                    f"{spec.mask_path}: mask stack is {self.stack.shape[0]} x {self.stack.shape[2]} x {self.stack.shape[3]} "
+                    f"(Z x Y x X) but {spec.image_path} is {image.shape[0]} x {image.shape[2]} x {image.shape[3]}"
+                )
+            self._owns = True
+        elif spec.mask_channel is not None:
+            self.stack = image
+            self.channel = image.resolve_channel(spec.mask_channel)
+            self._owns = False
+        else:
+            raise ProtoscopeError(f"{spec.image_path}: give a mask channel or a mask file for the ground truth")
+
+    def __call__(self, z: int) -> np.ndarray:
+        return np.asarray(self.stack.read_slice(z, self.channel)) > 0
+
+    def close(self) -> None:
+        if self._owns:
+            self.stack.close()
+
+
+# ---- baselines ----------------------------------------------------------------------------------------
+
+def smoothed(raw: np.ndarray) -> np.ndarray:
+    return ndimage.gaussian_filter(np.asarray(raw, dtype=np.float32), 2.0)
+
+
+def intensity_baseline_threshold(raw: np.ndarray, points: PointSet, z: int) -> float:
+    """Halfway between the mean smoothed intensity at the positive and at the negative points."""
+    image = smoothed(raw)
+    pos, neg = points.on_slice(z)
+    high = float(image[pos[:, 1], pos[:, 0]].mean())
+    low = float(image[neg[:, 1], neg[:, 0]].mean()) if len(neg) else float(image.min())
+    return (high + low) / 2
+
+
+def intensity_baseline_mask(raw: np.ndarray, threshold: float, bright_structure: bool) -> np.ndarray:
+    image = smoothed(raw)
+    return image >= threshold if bright_structure else image <= threshold
+
+
+def otsu_mask(raw: np.ndarray) -> np.ndarray:
+    data = np.asarray(raw, dtype=np.float32)
+    if data.min() == data.max():
+        return np.zeros(data.shape, bool)
+    return data > threshold_otsu(data)
+
+
+# ---- the runner ---------------------------------------------------------------------------------------
+
+@dataclass
+class _Reference:
+    """A reference made on one slice: a prototype (pipeline methods) or an intensity threshold (baseline)."""
+
+    stack: str
+    z: int
+    seed: int
+    prototype: Prototype | None = None
+    intensity: tuple[float, bool] | None = None
+
+
+def default_margin(slice_shape: tuple[int, int], config: PipelineConfig, patch_size: int = 14) -> int:
+    """Half a model patch in original pixels (so that a point's patch is not a boundary patch); at least 2."""
+    scale = max(slice_shape) / config.preprocess.image_size
+    return max(2, int(math.ceil(patch_size / 2 * scale)))
+
+
+def evaluate(
+    stacks: Sequence[EvalStack],
+    methods: Sequence[Method],
+    backbones: Sequence,
+    settings: ProtocolSettings = ProtocolSettings(),
+    *,
+    cache: EmbeddingCache | None = None,
+    log: Callable[[str], None] | None = None,
+) -> EvaluationResult:
+    """Run the protocol. ``backbones`` are loaded ``core.backbones.Backbone`` objects (pipeline methods run once
+    per backbone; baselines once)."""
+    started = time.perf_counter()
+    log = log or (lambda message: None)
+    result = EvaluationResult()
+    opened: list[tuple[EvalStack, Stack, TruthReader]] = []
+    try:
+        for spec in stacks:
+            image = open_stack(spec.image_path)
+            truth = TruthReader(spec, image)
+            opened.append((spec, image, truth))
+            z_values, note = select_slices(image.shape[0], settings.n_slices, settings.skip_ends)
+            if note:
+                result.notes.append(f"{spec.label}: {note}")
+            keep = [z for z in z_values if 0 < truth(z).sum() < truth(z).size]
+            if len(keep) < len(z_values):
+                result.notes.append(f"{spec.label}: {len(z_values) - len(keep)} slices without both structure and background skipped")
+            if not keep:
+                raise ProtoscopeError(f"{spec.image_path}: no evaluated slice has both structure and background in its ground truth")
+            result.stacks.append(spec.label)
+            result.slices[spec.label] = keep
+        labels = [spec.label for spec, _, _ in opened]
+        if len(set(labels)) != len(labels):
+            raise ProtoscopeError("two stacks have the same name; give them distinct file names")
+        embedders: dict[tuple[str, str, str], SliceEmbedder] = {}
+        for method in methods:
+            for backbone in (backbones if method.config is not None else [None]):
+                log(f"[{method.name} / {backbone.spec.name if backbone else 'no backbone'}] evaluating {len(opened)} stack(s)")
+                runner = _MethodRun(opened, method, backbone, settings, cache, result, log, embedders)
+                runner.run()
+    finally:
+        for _, image, truth in opened:
+            truth.close()
+            image.close()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+class _MethodRun:
+    """One method (and backbone) over all stacks: same-slice first, then transfer target by target."""
+
+    def __init__(self, opened, method: Method, backbone, settings: ProtocolSettings, cache, result: EvaluationResult,
+                 log: Callable[[str], None], embedders: dict) -> None:
+        self.opened = opened
+        self.method = method
+        self.settings = settings
+        self.result = result
+        self.log = log
+        self.backbone_name = backbone.spec.name if backbone is not None else "-"
+        self.embedders: dict[str, SliceEmbedder] = {}
+        if method.config is not None:
+            for spec, image, _ in opened:
+                key = (spec.label, method.config.preprocess.signature(), backbone.signature())
+                if key not in embedders:
+                    embedders[key] = SliceEmbedder(image, spec.image_channel, backbone, method.config.preprocess, cache=cache)
+                self.embedders[spec.label] = embedders[key]
+
+    # -- segmentation of one target slice with one reference
+    def segment(self, ref: _Reference, scorer: Scorer | None, label: str, image: Stack, channel: int, z: int) -> np.ndarray:
+        if ref.intensity is not None:
+            threshold, bright = ref.intensity
+            return intensity_baseline_mask(image.read_slice(z, channel), threshold, bright)
+        assert scorer is not None
+        embedder = self.embedders[label]
+        sigma = scorer.config.z_sigma
+        maps = {k: scorer.score_map(embedder, k) for k in neighbourhood(z, sigma, embedder.n_slices)}
+        return scorer.segment(embedder, z, z_smoothed(maps, z, sigma, embedder.n_slices)).mask
+
+    def record(self, setting: str, ref: _Reference, spec: EvalStack, image: Stack, truth_mask: np.ndarray,
+               mask: np.ndarray, z: int) -> None:
+        pixel = (image.voxel_size.y, image.voxel_size.x) if image.voxel_size is not None else None
+        scores = segmentation_scores(mask, truth_mask, pixel_size_um=pixel)
+        self.result.rows.append(
+            {
+                "method": self.method.name,
+                "backbone": self.backbone_name,
+                "setting": setting,
+                "ref_stack": ref.stack,
+                "ref_z": ref.z,
+                "stack": spec.label,
+                "z": z,
+                "seed": ref.seed,
+                "dice": scores.dice,
+                "iou": scores.iou,
+                "hd95_px": scores.hd95_px,
+                "hd95_um": scores.hd95_um,
+                "mask_fraction": float(mask.mean()),
+                "truth_fraction": float(truth_mask.mean()),
+            }
+        )
+
+    def make_reference(self, label: str, image: Stack, channel: int, truth_mask: np.ndarray, z: int, seed: int,
+                       margin: int) -> _Reference:
+        settings = self.settings
+        sampled = sample_points(truth_mask, settings.n_points, settings.n_points, margin_px=margin, seed=seed * 100_003 + z)
+        points = PointSet(
+            np.column_stack([sampled.positive_xy, np.full(len(sampled.positive_xy), z)]),
+            np.column_stack([sampled.negative_xy, np.full(len(sampled.negative_xy), z)]),
+        )
+        if self.method.config is None:
+            raw = image.read_slice(z, channel)
+            threshold = intensity_baseline_threshold(raw, points, z)
+            positive_mean = float(smoothed(raw)[points.positive[:, 1], points.positive[:, 0]].mean())
+            return _Reference(label, z, seed, intensity=(threshold, positive_mean >= threshold))
+        prototype = build_prototype(self.embedders[label], points, self.method.config, seed=seed)
+        return _Reference(label, z, seed, prototype=prototype)
+
+    def run(self) -> None:
+        method, settings, result = self.method, self.settings, self.result
+        references: list[_Reference] = []
+        for spec, image, truth in self.opened:
+            label = spec.label
+            channel = image.resolve_channel(spec.image_channel)
+            z_values = result.slices[label]
+            margin = settings.margin_px
+            if margin is None:
+                margin = default_margin((image.shape[2], image.shape[3]), method.config or PipelineConfig())
+            reference_z = {seed: int(z_values[np.random.default_rng(10_000 + seed).integers(len(z_values))]) for seed in settings.seeds}
+            for z in z_values:
+                truth_mask = truth(z)
+                for seed in settings.seeds:
+                    if method.name == "otsu":
+                        if "same-slice" in settings.settings:
+                            self.record("same-slice", _Reference(label, z, seed), spec, image, truth_mask,
+                                        otsu_mask(image.read_slice(z, channel)), z)
+                        continue
+                    ref = self.make_reference(label, image, channel, truth_mask, z, seed, margin)
+                    if "same-slice" in settings.settings:
+                        scorer = Scorer(ref.prototype) if ref.prototype is not None else None
+                        self.record("same-slice", ref, spec, image, truth_mask, self.segment(ref, scorer, label, image, channel, z), z)
+                    if z == reference_z[seed]:
+                        references.append(ref)
+            self.log(f"  {label}: same-slice done ({len(z_values)} slices x {len(settings.seeds)} seeds)")
+        if method.name == "otsu" or not ({"same-file", "cross-file"} & set(settings.settings)):
+            return
+        scorers = [Scorer(ref.prototype) if ref.prototype is not None else None for ref in references]
+        for spec, image, truth in self.opened:
+            channel = image.resolve_channel(spec.image_channel)
+            for z in result.slices[spec.label]:
+                truth_mask = truth(z)
+                for ref, scorer in zip(references, scorers):
+                    same = ref.stack == spec.label
+                    setting = "same-file" if same else "cross-file"
+                    if setting not in settings.settings or (same and z == ref.z):
+                        continue
+                    self.record(setting, ref, spec, image, truth_mask, self.segment(ref, scorer, spec.label, image, channel, z), z)
+            self.log(f"  {spec.label}: transfer targets done")
