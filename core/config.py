@@ -41,15 +41,19 @@ class Upsampling(str, Enum):
 
 @dataclass(frozen=True)
 class Cleanup:
-    """Optional morphological clean-up of the final mask (pixels of the original slice)."""
+    """Optional morphological clean-up of the final mask (pixels of the original slice).
 
-    fill_holes: bool = False
+    hole_size_px : fill holes up to this area (not all holes: a vessel loop must not fill the tissue it
+    encloses). min_size_px : remove objects smaller than this area. closing_px : radius of a closing.
+    """
+
+    hole_size_px: int = 0
     min_size_px: int = 0
     closing_px: int = 0
 
     @property
     def active(self) -> bool:
-        return self.fill_holes or self.min_size_px > 0 or self.closing_px > 0
+        return self.hole_size_px > 0 or self.min_size_px > 0 or self.closing_px > 0
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class PipelineConfig:
     z_sigma: float = 0.0
     pixel_classifier: str = "none"
     pixel_max_side: int = 1024
+    pixel_standardize: str = "stack"
     augment_radius: int = 2
     patch_components: int = 0
     cleanup: Cleanup = field(default_factory=Cleanup)
@@ -80,6 +85,8 @@ class PipelineConfig:
             raise ProtoscopeError(f"z_sigma must be >= 0 slices, got {self.z_sigma}")
         if self.pixel_classifier not in ("none", "forest", "linear"):
             raise ProtoscopeError(f"pixel_classifier must be none, forest or linear, got {self.pixel_classifier!r}")
+        if self.pixel_standardize not in ("stack", "slice"):
+            raise ProtoscopeError(f"pixel_standardize must be stack or slice, got {self.pixel_standardize!r}")
         if self.pixel_max_side < 64 or self.augment_radius < 0 or self.patch_components < 0:
             raise ProtoscopeError("pixel_max_side must be >= 64 px; augment_radius and patch_components >= 0")
 
@@ -126,7 +133,7 @@ class PipelineConfig:
                     preprocess = dataclasses.replace(preprocess, clip_percentiles=(preprocess.clip_percentiles[0], value))
                 else:
                     preprocess = dataclasses.replace(preprocess, **{name: value})
-            elif name in ("fill_holes", "min_size_px", "closing_px"):
+            elif name in ("hole_size_px", "min_size_px", "closing_px"):
                 cleanup = dataclasses.replace(cleanup, **{name: value})
             else:
                 changes[name] = value
@@ -145,6 +152,7 @@ class PipelineConfig:
             "z_sigma": self.z_sigma,
             "pixel_classifier": self.pixel_classifier,
             "pixel_max_side": self.pixel_max_side,
+            "pixel_standardize": self.pixel_standardize,
             "augment_radius": self.augment_radius,
             "patch_components": self.patch_components,
             "cleanup": dataclasses.asdict(self.cleanup),
@@ -164,6 +172,7 @@ class PipelineConfig:
             z_sigma=float(data.get("z_sigma", 0.0)),
             pixel_classifier=str(data.get("pixel_classifier", "none")),
             pixel_max_side=int(data.get("pixel_max_side", 1024)),
+            pixel_standardize=str(data.get("pixel_standardize", "stack")),
             augment_radius=int(data.get("augment_radius", 2)),
             patch_components=int(data.get("patch_components", 0)),
             cleanup=Cleanup(**data.get("cleanup", {})),
@@ -206,32 +215,22 @@ OPTION_NAMES = (
     "z_sigma",
     "pixel_classifier",
     "pixel_max_side",
+    "pixel_standardize",
     "augment_radius",
     "patch_components",
-    "fill_holes",
+    "hole_size_px",
     "min_size_px",
     "closing_px",
 )
-
-
-def _parse_bool(raw: object) -> bool:
-    if isinstance(raw, bool):
-        return raw
-    text = str(raw).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ProtoscopeError(f"expected true/false, got {raw!r}")
 
 
 def _parse_option(name: str, raw: object) -> object:
     try:
         if name == "normalization":
             return str(raw)
-        if name == "pixel_classifier":
+        if name in ("pixel_classifier", "pixel_standardize"):
             return str(raw)
-        if name in ("image_size", "n_prototypes", "knn_k", "min_size_px", "closing_px", "pixel_max_side",
+        if name in ("image_size", "n_prototypes", "knn_k", "min_size_px", "hole_size_px", "closing_px", "pixel_max_side",
                     "augment_radius", "patch_components"):
             return int(raw)  # type: ignore[arg-type]
         if name in ("clip_low", "clip_high", "negative_weight", "z_sigma"):
@@ -242,8 +241,6 @@ def _parse_option(name: str, raw: object) -> object:
             return raw if isinstance(raw, Upsampling) else Upsampling(str(raw))
         if name == "threshold":
             return raw if isinstance(raw, ThresholdSpec) else ThresholdSpec.parse(str(raw))
-        if name == "fill_holes":
-            return _parse_bool(raw)
     except (TypeError, ValueError) as error:
         raise ProtoscopeError(f"bad value {raw!r} for option {name}: {error}") from None
     raise ProtoscopeError(f"unknown pipeline option {name!r}")

@@ -109,14 +109,14 @@ def pixel_scores(
 
 
 def clean_mask(mask: np.ndarray, cleanup: Cleanup) -> np.ndarray:
-    """Optional closing, small-object removal and hole filling of a (Y, X) bool mask."""
+    """Optional closing, small-object removal and small-hole filling of a (Y, X) bool mask."""
     result = mask
     if cleanup.closing_px > 0:
         result = ndimage.binary_closing(result, structure=morphology.disk(cleanup.closing_px))
     if cleanup.min_size_px > 0:
         result = morphology.remove_small_objects(result, max_size=cleanup.min_size_px - 1)
-    if cleanup.fill_holes:
-        result = ndimage.binary_fill_holes(result)
+    if cleanup.hole_size_px > 0:
+        result = morphology.remove_small_holes(result, max_size=cleanup.hole_size_px - 1)
     return result.astype(bool)
 
 
@@ -185,11 +185,17 @@ def pixel_feature_map(embedder: "SliceEmbedder", z: int, config: PipelineConfig,
     """(h, w, F') standardised pixel features of slice z at the working resolution (core.pixels)."""
     from core.pixels import PixelFeatureSpace, combined_features
 
-    mean, std = embedder.pixel_statistics(config.pixel_max_side)
+    filters = embedder.pixel_filters(z, config.pixel_max_side)
+    if config.pixel_standardize == "slice":
+        from core.pixels import feature_statistics
+
+        mean, std = feature_statistics([filters])
+    else:
+        mean, std = embedder.pixel_statistics(config.pixel_max_side)
     projection = prototype.pixel_projection if prototype is not None else None
     space = PixelFeatureSpace(mean, std, projection, prototype.pixel_projection_mean if prototype is not None else None)
     patches = embedder.embed(z) if projection is not None else None
-    return combined_features(embedder.pixel_filters(z, config.pixel_max_side), space, patches)
+    return combined_features(filters, space, patches)
 
 
 class Scorer:
@@ -260,6 +266,18 @@ def build_prototype(
     seed: int = 0,
 ) -> Prototype:
     """Prototypes from clicked points (any number of slices), with the threshold calibrated on them."""
+    return build_scorer(embedder, points, config, seed=seed).prototype
+
+
+def build_scorer(
+    embedder: "SliceEmbedder",
+    points: PointSet,
+    config: PipelineConfig,
+    *,
+    seed: int = 0,
+) -> Scorer:
+    """Like ``build_prototype``, but returns the ready Scorer (its ``.prototype`` is the new prototype), so
+    that the pixel classifier fitted for calibration is not fitted again."""
     if len(points.positive) == 0:
         raise PrototypeError("at least one positive point is needed to build prototypes")
     for z in points.slices:
@@ -288,9 +306,12 @@ def build_prototype(
     )
     if config.uses_pixels:
         prototype = _with_pixel_examples(embedder, prototype, embeddings)
-    if len(negative) == 0:
-        return prototype
-    return dataclasses.replace(prototype, calibrated_threshold=calibrate_on_points(embedder, prototype))
+    scorer = Scorer(prototype)
+    if len(negative):
+        calibrated = calibrate_on_points(embedder, prototype, scorer)
+        # The calibrated threshold does not change the fitted classifier: keep it.
+        scorer.prototype = dataclasses.replace(prototype, calibrated_threshold=calibrated)
+    return scorer
 
 
 def _with_pixel_examples(embedder: "SliceEmbedder", prototype: Prototype, embeddings: dict[int, np.ndarray]) -> Prototype:
@@ -315,17 +336,26 @@ def _with_pixel_examples(embedder: "SliceEmbedder", prototype: Prototype, embedd
     )
 
 
-def calibrate_on_points(embedder: "SliceEmbedder", prototype: Prototype) -> float:
+def calibrate_on_points(embedder: "SliceEmbedder", prototype: Prototype, scorer: Scorer | None = None) -> float:
     """Absolute threshold separating the scores under the prototype's own points, on the same score
     representation that is thresholded (patch grid for nearest upsampling, pixels otherwise)."""
-    scorer = Scorer(prototype)
+    scorer = scorer or Scorer(prototype)
     positive_scores: list[np.ndarray] = []
     negative_scores: list[np.ndarray] = []
     for z in prototype.points.slices:
-        score_map = scorer.score_map(embedder, z)
-        if scorer.pixel_level or prototype.config.upsampling is not Upsampling.NEAREST:
-            score_map = scorer.full_scores(embedder, z, score_map)
         pos_xy, neg_xy = prototype.points.on_slice(z)
+        if scorer.pixel_model is not None:
+            # Only the clicked pixels are needed: score their feature vectors, not the whole slice.
+            from core.pixels import example_pixels
+
+            features = pixel_feature_map(embedder, z, prototype.config, prototype)
+            for xy, bucket in ((pos_xy, positive_scores), (neg_xy, negative_scores)):
+                cells = example_pixels(xy, embedder.slice_shape, features.shape[:2], 0)
+                bucket.append(scorer.pixel_model.score(features[cells[:, 0], cells[:, 1]][None])[0])
+            continue
+        score_map = scorer.score_map(embedder, z)
+        if prototype.config.upsampling is not Upsampling.NEAREST:
+            score_map = scorer.full_scores(embedder, z, score_map)
         positive_scores.append(scores_at_points(score_map, pos_xy, embedder.slice_shape))
         negative_scores.append(scores_at_points(score_map, neg_xy, embedder.slice_shape))
     return calibrate_threshold(np.concatenate(positive_scores), np.concatenate(negative_scores))

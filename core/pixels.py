@@ -19,6 +19,7 @@ score      2·p(structure) - 1, in [-1, 1], at the working resolution, upsampled
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,14 +71,14 @@ def feature_statistics(feature_maps: list[np.ndarray], max_samples: int = 400_00
 
 def fit_projection(patch_embeddings: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray]:
     """PCA basis of (..., D) patch embeddings: ((D, k) basis, (D,) mean), k = min(components, D)."""
-    flat = patch_embeddings.reshape(-1, patch_embeddings.shape[-1]).astype(np.float64)
-    mean = flat.mean(axis=0)
-    _, _, vt = np.linalg.svd(flat - mean, full_matrices=False)
-    k = min(components, vt.shape[0])
+    from sklearn.decomposition import PCA
+
+    flat = patch_embeddings.reshape(-1, patch_embeddings.shape[-1]).astype(np.float32)
+    k = min(components, flat.shape[0], flat.shape[1])
+    pca = PCA(n_components=k, svd_solver="randomized", random_state=0).fit(flat)
     # Scale so that every component has unit variance, comparable with the standardised filters.
-    scores_std = np.std((flat - mean) @ vt[:k].T, axis=0)
-    basis = vt[:k].T / np.maximum(scores_std, 1e-6)
-    return basis.astype(np.float32), mean.astype(np.float32)
+    basis = pca.components_.T / np.sqrt(np.maximum(pca.explained_variance_, 1e-12))
+    return basis.astype(np.float32), pca.mean_.astype(np.float32)
 
 
 def combined_features(
@@ -130,7 +131,8 @@ class PixelClassifier:
         # Balanced classes: clicks are few and their numbers per class are arbitrary.
         if kind == "forest":
             self.model = RandomForestClassifier(
-                n_estimators=n_trees, min_samples_leaf=2, class_weight="balanced", random_state=seed, n_jobs=1
+                n_estimators=n_trees, min_samples_leaf=2, class_weight="balanced", random_state=seed,
+                n_jobs=min(2, os.cpu_count() or 1),  # same trees for any n_jobs (fixed random_state)
             )
         else:
             self.model = LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000)

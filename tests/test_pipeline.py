@@ -218,3 +218,18 @@ def test_threshold_override_in_apply(square_stack):
     prototype = build_prototype(embedder, PointSet(np.array([[10, 10, 0]]), np.array([[120, 120, 0]])), config)
     result = apply_prototype(embedder, prototype, [0], lambda z, m: None, threshold=ThresholdSpec("top", 25))
     assert result.area_px == [4900]
+
+
+def test_cleanup_removes_specks_and_small_holes_but_keeps_large_enclosed_regions():
+    from core.config import Cleanup
+    from core.pipeline import clean_mask
+
+    mask = np.zeros((60, 60), bool)
+    mask[5:45, 5:45] = True  # a ring-shaped "vessel loop" enclosing tissue
+    mask[12:38, 12:38] = False
+    mask[8, 8] = False  # a one-pixel hole in the vessel wall
+    mask[55, 55] = True  # an isolated speck
+    cleaned = clean_mask(mask, Cleanup(hole_size_px=20, min_size_px=20))
+    assert cleaned[8, 8] and not cleaned[55, 55]
+    assert not cleaned[25, 25]  # the enclosed 26 x 26 region is not a "small hole"
+    assert cleaned.sum() == mask.sum() + 1 - 1

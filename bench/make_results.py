@@ -1,0 +1,231 @@
+"""Regenerate docs/RESULTS.md: thesis mode vs best mode vs baselines, and one row per option (ablation).
+
+    .venv/bin/python bench/make_results.py              # run every evaluation, then write docs/RESULTS.md
+    .venv/bin/python bench/make_results.py --render     # only re-render from the JSON in docs/results/
+
+Every number comes from `python -m core evaluate` runs on the real stacks in ../shared/data (the commands
+are printed in the report), with the offline `filterbank` backbone. The refinement table (docs/results/
+refine.md, from bench/report_refine.py) and the thesis experiments (docs/experiments/) are linked in.
+Takes a few hours on a 2-core CPU the first time (embeddings are cached in --cache afterwards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+DATA = (PROJECT / ".." / "shared" / "data").resolve()
+RESULTS = PROJECT / "docs" / "results"
+
+#: Each option of best mode alone on top of thesis mode, and best mode without it.
+ABLATION_ON_THESIS = {
+    "+stack normalisation": "thesis:normalization=stack",
+    "+bilinear upsampling": "thesis:upsampling=bilinear",
+    "+guided upsampling": "thesis:upsampling=guided",
+    "+bilinear, calibrated threshold": "thesis:upsampling=bilinear,threshold=calibrated",
+    "+bilinear, Otsu threshold": "thesis:upsampling=bilinear,threshold=otsu",
+    "+k-means prototypes (k=3)": "thesis:scoring=multi,n_prototypes=3",
+    "+kNN scoring (k=5)": "thesis:scoring=knn,knn_k=5",
+    "+z smoothing (σ=1 slice)": "thesis:z_sigma=1",
+    "+clean-up (holes, objects < 20 px)": "thesis:hole_size_px=20,min_size_px=20",
+    "+pixel classifier (forest)": "thesis:pixel_classifier=forest,threshold=calibrated",
+}
+ABLATION_OFF_BEST = {
+    "best − stack normalisation": "best:normalization=slice",
+    "best − pixel classifier (patch scores, bilinear)": "best:pixel_classifier=none",
+    "best, linear classifier": "best:pixel_classifier=linear",
+    "best, Otsu threshold": "best:threshold=otsu",
+    "best − click neighbourhood (radius 0)": "best:augment_radius=0",
+    "best + z smoothing (σ=1)": "best:z_sigma=1",
+    "best + clean-up (holes, objects < 20 px)": "best:hole_size_px=20,min_size_px=20",
+}
+
+
+def dataset_args(name: str) -> list[str] | None:
+    """Arguments of `python -m core evaluate` that point at one data set (None when absent)."""
+    if name == "vesselnn":
+        images = sorted((DATA / "vesselnn" / "images").glob("*.tif"))
+        if not images:
+            return None
+        labels = [DATA / "vesselnn" / "labels" / p.name for p in images]
+        return [*map(str, images), "--mask-file", *map(str, labels), "--image-channel", "0", "--skip-ends", "0"]
+    if name == "isbi2012":
+        folder = DATA / "isbi2012"
+        if not folder.is_dir():
+            return None
+        return [str(folder / "images"), "--mask-file", str(folder / "labels"), "--image-channel", "0", "--skip-ends", "0"]
+    if name == "dsb2018":
+        images = sorted((DATA / "dsb2018" / "images").glob("*.png"))[:30]
+        if not images:
+            return None
+        labels = [DATA / "dsb2018" / "labels" / p.name for p in images]
+        return [*map(str, images), "--mask-file", *map(str, labels), "--image-channel", "0", "--skip-ends", "0"]
+    raise ValueError(name)
+
+
+def run(name: str, extra: list[str], out: Path, cache: str) -> None:
+    args = dataset_args(name)
+    if args is None:
+        print(f"skip {name}: {DATA} has no such data", file=sys.stderr)
+        return
+    command = [sys.executable, "-m", "core", "evaluate", *args, "--backbone", "filterbank", "--cache", cache,
+               "--json", str(out), *extra]
+    print("$ " + " ".join(_short(c) for c in command), file=sys.stderr, flush=True)
+    started = time.time()
+    subprocess.run(command, cwd=PROJECT, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    print(f"  {name}: {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+
+
+def _short(text: str) -> str:
+    return text.replace(str(DATA), "../shared/data").replace(str(PROJECT) + "/", "").replace(sys.executable, ".venv/bin/python")
+
+
+def run_all(seeds: int, cache: str, only: list[str] | None) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    jobs = {
+        "main_vesselnn": ("vesselnn", ["--mode", "thesis", "best", "--baseline", "otsu", "intensity", "--seeds", str(seeds)]),
+        "main_isbi2012": ("isbi2012", ["--mode", "thesis", "best", "--baseline", "otsu", "intensity", "--seeds", str(seeds)]),
+        "main_dsb2018": ("dsb2018", ["--mode", "thesis", "best", "--baseline", "otsu", "intensity", "--seeds", "1"]),
+        "ablation_vesselnn": ("vesselnn", ["--mode", *([] or ["thesis"]), "--seeds", "1",
+                                           *[a for label, spec in {**ABLATION_ON_THESIS, **ABLATION_OFF_BEST}.items()
+                                             for a in ("--variant", f"{label}={spec}")]]),
+    }
+    for key, (dataset, extra) in jobs.items():
+        if only and key not in only:
+            continue
+        run(dataset, extra, RESULTS / f"{key}.json", cache)
+
+
+# ---- rendering -----------------------------------------------------------------------------------------
+
+def _load(key: str) -> dict | None:
+    path = RESULTS / f"{key}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _cell(entry: dict | None, metric: str, digits: int = 3) -> str:
+    if entry is None:
+        return "–"
+    mean, std = entry.get(metric), entry.get(f"{metric}_std")
+    if mean is None or mean != mean:
+        return "–"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if digits else f"{mean:.1f} ± {std:.1f}"
+
+
+def _lookup(payload: dict, method: str, setting: str) -> dict | None:
+    for entry in payload["summary"]:
+        if entry["method"] == method and entry["setting"] == setting:
+            return entry
+    return None
+
+
+def render() -> str:
+    lines = [
+        "# Results",
+        "",
+        "Regenerate with `.venv/bin/python bench/make_results.py` (all numbers below come from "
+        "`python -m core evaluate`; the exact commands are listed under each table). Backbone: the offline "
+        "`filterbank` (no DINOv2 weights can be downloaded on our development machines). Protocol (thesis "
+        "§3.8): points sampled from the ground truth with a margin of half a patch, 25 positive + 25 negative; "
+        "same-slice = prototypes applied to the slice they came from; same-file = one reference slice per seed "
+        "applied to every other slice of its stack; cross-file = applied to every slice of every other stack. "
+        "Dice and IoU in [0, 1], HD95 in pixels (mean ± std over slices). Baselines: `otsu` = Otsu's threshold "
+        "of the raw slice; `intensity` = Gaussian-smoothed intensity (σ = 2 px), prototypes = mean smoothed "
+        "intensity at the positive and at the negative points, threshold halfway (transferred as that value).",
+        "",
+    ]
+    for key, title in (("main_vesselnn", "vesselNN: 5 two-photon vessel stacks"),
+                       ("main_isbi2012", "ISBI 2012: ssTEM membrane stack (structure = cell interior)"),
+                       ("main_dsb2018", "DSB 2018: fluorescence nuclei (30 single images, 1 seed)")):
+        payload = _load(key)
+        lines += [f"## {title}", ""]
+        if payload is None:
+            lines += ["(not run: data absent)", ""]
+            continue
+        settings = [s for s in ("same-slice", "same-file", "cross-file") if any(e["setting"] == s for e in payload["summary"])]
+        header = "| method | " + " | ".join(f"{s} Dice | {s} IoU | {s} HD95 px" for s in settings) + " |"
+        lines += [header, "|---|" + "---|" * (3 * len(settings))]
+        for method in ("thesis", "best", "intensity", "otsu"):
+            cells = []
+            for setting in settings:
+                entry = _lookup(payload, method, setting)
+                cells += [_cell(entry, "dice"), _cell(entry, "iou"), _cell(entry, "hd95_px", 0)]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines += ["", _targets(payload, settings), "", f"Command: `{_short(payload.get('command', ''))}`", ""]
+        if payload.get("notes"):
+            lines += ["Notes: " + "; ".join(payload["notes"]), ""]
+        matrix = payload.get("transfer", {}).get("best|filterbank")
+        if matrix and len(matrix) <= 6:
+            names = list(matrix)
+            lines += ["Transfer matrix, best mode (mean Dice; rows = reference stack, columns = target):", "",
+                      "| reference \\ target | " + " | ".join(n[:18] for n in names) + " |",
+                      "|---|" + "---|" * len(names)]
+            for ref in names:
+                lines.append(f"| {ref[:18]} | " + " | ".join(f"{matrix[ref][t]['mean']:.2f}" for t in names) + " |")
+            lines.append("")
+    payload = _load("ablation_vesselnn")
+    lines += ["## Ablation on vesselNN (1 seed)", ""]
+    if payload is None:
+        lines += ["(not run)", ""]
+    else:
+        lines += ["| variant | same-slice Dice | same-file Dice | same-file HD95 px | cross-file Dice | cross-file HD95 px |",
+                  "|---|---|---|---|---|---|"]
+        methods = ["thesis", *ABLATION_ON_THESIS, *ABLATION_OFF_BEST]
+        for method in methods:
+            entries = {s: _lookup(payload, method, s) for s in ("same-slice", "same-file", "cross-file")}
+            if not any(entries.values()):
+                continue
+            lines.append(f"| {method} | {_cell(entries['same-slice'], 'dice')} | {_cell(entries['same-file'], 'dice')} | "
+                         f"{_cell(entries['same-file'], 'hd95_px', 0)} | {_cell(entries['cross-file'], 'dice')} | "
+                         f"{_cell(entries['cross-file'], 'hd95_px', 0)} |")
+        lines += ["", "Options as `--variant` specs: " + "; ".join(f"`{v}`" for v in {**ABLATION_ON_THESIS, **ABLATION_OFF_BEST}.values()),
+                  "", f"Command: `{_short(payload.get('command', ''))}`", ""]
+    refine = PROJECT / "docs" / "results" / "refine.md"
+    lines += ["## U-Net refinement (thesis Table 4.3 analogue)", "",
+              (f"See [results/refine.md](results/refine.md)." if refine.exists() else "(not run)"), "",
+              "## The thesis's experiments", "",
+              "Backbone comparison, feature-space separability, point-count and threshold sensitivity and the transfer "
+              "matrix: [experiments/](experiments/) (regenerate with `python -m core experiments all ...`, see "
+              "[experiments.md](experiments.md)).", ""]
+    return "\n".join(lines)
+
+
+def _targets(payload: dict, settings: list[str]) -> str:
+    """Best vs thesis and vs the intensity baseline, per transfer setting."""
+    parts = []
+    for setting in settings:
+        best, thesis, base = (_lookup(payload, m, setting) for m in ("best", "thesis", "intensity"))
+        if best is None or thesis is None:
+            continue
+        text = f"{setting}: best − thesis = {best['dice'] - thesis['dice']:+.3f} Dice"
+        if thesis["hd95_px"]:
+            text += f", HD95 ×{best['hd95_px'] / thesis['hd95_px']:.2f}"
+        if base is not None:
+            text += f"; best − intensity baseline = {best['dice'] - base['dice']:+.3f}"
+        parts.append(text)
+    return "Differences — " + "; ".join(parts) + "." if parts else ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--render", action="store_true", help="only render docs/RESULTS.md from existing JSON")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "protoscope" / "results-embeddings"))
+    parser.add_argument("--only", nargs="*", help="run only these jobs (main_vesselnn, main_isbi2012, main_dsb2018, ablation_vesselnn)")
+    args = parser.parse_args()
+    if not args.render:
+        if not DATA.is_dir():
+            sys.exit(f"{DATA} is absent: the results need the developers' real data")
+        run_all(args.seeds, args.cache, args.only)
+    (PROJECT / "docs" / "RESULTS.md").write_text(render(), encoding="utf-8")
+    print("wrote docs/RESULTS.md", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
