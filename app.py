@@ -1,0 +1,231 @@
+"""Protoscope app: open a sample, choose channels, backbone and mode (this page); the other pages segment it.
+
+Run: ``bash scripts/run_app.sh`` (or ``streamlit run app.py``). This file is the router: it sets up the
+session, draws the sidebar status on every page and runs the selected page.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from core.backbones import weights_status
+from core.config import PipelineConfig, Scoring, Upsampling
+from core.errors import ProtoscopeError
+from core.thresholds import ThresholdSpec
+from ui import home, layout, resources, settings, state
+from ui.state import BackboneChoice
+
+
+def sample_section() -> None:
+    st.subheader("1 · Sample")
+    source = st.radio("Open", home.SOURCES, horizontal=True, key=state.bind("home.source", home.SOURCES[0]),
+                      on_change=state.store, args=("home.source",))
+    if source == home.SOURCES[0]:
+        st.caption("A small synthetic stack made by `core/demo.py` (bright winding vessels, round cells as "
+                   "distractors, noise); channel 1 is its ground truth. It is not a real sample.")
+        if st.button("Open the synthetic demo", type="primary", key="home.open_demo"):
+            with st.spinner("Writing the demo stack…"):
+                home.open_demo()
+            st.rerun()
+    elif source == home.SOURCES[1]:
+        path_picker()
+    else:
+        uploaded = st.file_uploader("Stack file (small files; open large ones by path in the data root)",
+                                    type=["tif", "tiff", "ims", "png", "jpg", "jpeg", "bmp"], key="home.upload")
+        if uploaded is not None and st.button("Open the uploaded file", type="primary", key="home.open_upload"):
+            home.open_upload(uploaded.name, uploaded.getvalue())
+            st.rerun()
+
+
+def _enter_folder(rel: str) -> None:
+    state.put("home.browse", rel)
+    st.session_state.pop("home.browse_pick", None)
+
+
+def path_picker() -> None:
+    root = settings.data_root()
+    rel = state.get("home.browse") or ""
+    try:
+        folder = settings.resolve_in_root(rel or ".", root)
+    except ProtoscopeError:
+        rel, folder = "", root
+        state.put("home.browse", "")
+    folders, files = settings.list_folder(folder, root)
+    st.caption(f"Data root `{root}` › `{rel or '.'}`")
+    left, right = st.columns(2)
+    with left:
+        choices = ([".."] if rel else []) + [f.name + "/" for f in folders]
+        pick = st.selectbox("Folder", choices, index=None, placeholder="go into a folder…", key="home.browse_pick")
+        if pick:
+            parent = str(folder.parent.relative_to(root)) if pick == ".." else str((folder / pick.rstrip("/")).relative_to(root))
+            _enter_folder("" if parent == "." else parent)
+            st.rerun()
+        if rel and st.button("Open this folder as a stack of images", key="home.open_folder"):
+            home.open_path(str(folder))
+            st.rerun()
+    with right:
+        name = st.selectbox("Stack file", [f.name for f in files], index=None,
+                            placeholder="no stack files here" if not files else "choose a file…", key="home.file_pick")
+        if name and st.button("Open file", type="primary", key="home.open_file"):
+            home.open_path(str(folder / name))
+            st.rerun()
+    typed = st.text_input("…or type a path (relative to the data root, or absolute inside it)", key="home.path_text")
+    if typed and st.button("Open path", key="home.open_path"):
+        home.open_path(typed)
+        st.rerun()
+
+
+def channel_section() -> None:
+    sample = state.get("home.sample")
+    if sample is None:
+        return
+    stack = resources.open_cached_stack(sample.path)
+    st.subheader("2 · Channels")
+    st.markdown(f"**{sample.name}**" + (" — *synthetic demo, not a real sample*" if sample.is_demo else ""))
+    st.caption(home.describe_stack(stack))
+    n_channels = stack.shape[1]
+    names = stack.channel_names
+    channel = st.selectbox("Image channel", list(range(n_channels)), format_func=lambda c: f"{c}: {names[c]}",
+                           key=state.bind("home.channel", 0), on_change=state.store, args=("home.channel",))
+    kinds = ["None", "A channel of this stack", "A mask file"]
+    kind = st.radio("Ground truth (optional: for the feature-space scores and the Evaluate page)", kinds,
+                    horizontal=True, key=state.bind("home.truth_kind", "None"), on_change=state.store,
+                    args=("home.truth_kind",))
+    if kind == "None":
+        state.put("home.truth", None)
+    elif kind == kinds[1]:
+        default = next((c for c in range(n_channels) if c != channel), 0)
+        truth_channel = st.selectbox("Ground-truth channel", list(range(n_channels)),
+                                     format_func=lambda c: f"{c}: {names[c]}",
+                                     key=state.bind("home.truth_channel", default), on_change=state.store,
+                                     args=("home.truth_channel",))
+        try:
+            state.put("home.truth", home.truth_from_channel(stack, channel, truth_channel))
+        except ProtoscopeError as error:
+            state.put("home.truth", None)
+            st.error(str(error))
+    else:
+        truth_file_picker(stack)
+
+
+def truth_file_picker(stack) -> None:
+    typed = st.text_input("Mask file path inside the data root (same Z, Y, X; foreground > 0)", key="home.truth_path")
+    uploaded = st.file_uploader("…or upload the mask file", type=["tif", "tiff", "png", "ims"], key="home.truth_upload")
+    if st.button("Use this mask file", key="home.use_truth"):
+        if uploaded is not None:
+            path = resources.save_upload(uploaded.name, uploaded.getvalue())
+        else:
+            path = settings.resolve_in_root(typed)
+        try:
+            state.put("home.truth", home.truth_from_file(stack, path))
+        except ProtoscopeError:
+            state.put("home.truth", None)
+            raise
+    truth = state.get("home.truth")
+    if truth is not None and truth.path is not None:
+        st.caption(f"Ground truth: {truth.path}")
+
+
+def backbone_section() -> None:
+    st.subheader("3 · Backbone")
+    active = resources.backbone_choice()
+    names = home.backbone_options()
+    left, right = st.columns(2)
+    with left:
+        name = st.selectbox("Backbone", names, format_func=home.backbone_title,
+                            key=state.bind("home.backbone_name", active.name), on_change=state.store,
+                            args=("home.backbone_name",))
+    is_dinov2 = name != "filterbank"
+    weights = "hub"
+    with right:
+        if is_dinov2:
+            kinds = list(home.WEIGHT_KINDS)
+            kind = st.radio("Weights", kinds, format_func=home.WEIGHT_KINDS.get, horizontal=True,
+                            key=state.bind("home.weights_kind", "hub"), on_change=state.store,
+                            args=("home.weights_kind",))
+            if kind == "hub":
+                st.caption(f"Hugging Face cache: {weights_status(name)}")
+            elif kind == "path":
+                weights = st.text_input("Weights path (a Hugging Face model folder or Meta's *_pretrain.pth)",
+                                        key=state.bind("home.weights_path", ""), on_change=state.store,
+                                        args=("home.weights_path",)).strip()
+            else:
+                weights = "random"
+                st.warning("RANDOM WEIGHTS — timing only: masks made with them mean nothing.", icon=":material/warning:")
+        else:
+            st.caption("The filter bank needs no weights and runs offline on the CPU.")
+    choice = BackboneChoice(name, weights if is_dinov2 else "hub")
+    if st.button("Load backbone", type="primary" if choice != active else "secondary", key="home.load_backbone",
+                 disabled=is_dinov2 and not weights):
+        with st.spinner(f"Loading {name}…"):
+            resources.load_choice(choice)  # raises BackboneError with what to do
+        state.put("home.backbone", choice)
+        st.rerun()
+    backbone = resources.load_choice(active)
+    st.markdown(f"Active: **{backbone.label()}**")
+    if backbone.is_random:
+        st.warning(layout.RANDOM_WARNING, icon=":material/warning:")
+    if choice != active:
+        st.caption("Press **Load backbone** to switch to the selection above.")
+
+
+def mode_section() -> None:
+    st.subheader("4 · Mode")
+    mode = st.radio("Pipeline", ["thesis", "best"], horizontal=True, key=state.bind("home.mode", "thesis"),
+                    on_change=state.store, args=("home.mode",),
+                    format_func={"thesis": "thesis (reproduces the thesis: patch cosine, top 10 %)",
+                                 "best": "best (pixel classifier on filter features, calibrated threshold)"}.get)
+    base = PipelineConfig.for_mode(mode)
+    if state.get("home.options_mode") != mode:  # a mode switch starts from that mode's own settings
+        state.put("home.options_mode", mode)
+        state.set_bound("home.opt_lambda", base.negative_weight)
+        state.set_bound("home.opt_scoring", base.scoring.value)
+    with st.expander("Advanced options"):
+        options = {}
+        options["negative_weight"] = st.slider("Negative weight λ (S = Sp − λ·Sn)", 0.0, 2.0, step=0.05,
+                                               key=state.bind("home.opt_lambda", 0.8), on_change=state.store,
+                                               args=("home.opt_lambda",))
+        options["scoring"] = st.selectbox("Scoring", [s.value for s in Scoring],
+                                          key=state.bind("home.opt_scoring", "mean"), on_change=state.store,
+                                          args=("home.opt_scoring",))
+        upsampling = st.selectbox("Upsampling of the patch scores", ["(mode default)"] + [u.value for u in Upsampling],
+                                  key=state.bind("home.opt_upsampling", "(mode default)"), on_change=state.store,
+                                  args=("home.opt_upsampling",))
+        options["upsampling"] = None if upsampling.startswith("(") else upsampling
+        threshold = st.text_input("Default threshold (top:P, score:T, otsu, calibrated; blank = mode default)",
+                                  key=state.bind("home.opt_threshold", ""), on_change=state.store,
+                                  args=("home.opt_threshold",)).strip()
+        if threshold:
+            ThresholdSpec.parse(threshold)  # ThresholdError says how to write it
+        options["threshold"] = threshold or None
+        # only what differs from the mode's defaults, so the mode's own (tuned) values stay in charge
+        if options["negative_weight"] == base.negative_weight:
+            options["negative_weight"] = None
+        if options["scoring"] == base.scoring.value:
+            options["scoring"] = None
+        state.put("home.options", options)
+    config = resources.pipeline_config()
+    st.caption(f"Active: {config.describe()}")
+
+
+def home_page() -> None:
+    st.title("Protoscope")
+    st.caption("Segment structures in fluorescence microscopy stacks by clicking a few positive and negative points.")
+    for section in (sample_section, channel_section, backbone_section, mode_section):
+        layout.run_page(section)
+    if state.get("home.sample") is not None:
+        layout.page_link("segment", "Go to Segment", icon=":material/touch_app:")
+
+
+st.set_page_config(page_title="Protoscope", page_icon=":material/biotech:", layout="wide")
+state.init()
+layout.PAGES.update(
+    home=st.Page(home_page, title="Open sample", icon=":material/folder_open:", default=True),
+    segment=st.Page("pages/1_Segment.py", title="Segment", icon=":material/touch_app:"),
+    features=st.Page("pages/2_Feature_space.py", title="Feature space", icon=":material/scatter_plot:"),
+    batch=st.Page("pages/3_Batch.py", title="Batch", icon=":material/dynamic_feed:"),
+    evaluate=st.Page("pages/4_Evaluate.py", title="Evaluate", icon=":material/rule:"),
+)
+navigation = st.navigation(list(layout.PAGES.values()))
+layout.sidebar_status()
+navigation.run()

@@ -1,0 +1,83 @@
+"""Evaluate: the thesis protocol on this stack's ground truth — Dice, IoU and HD95 per slice."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from ui import evaluate, layout, resources, state
+
+
+def controls(ctx: resources.Context) -> None:
+    n = ctx.n_slices
+    c1, c2, c3, c4 = st.columns(4)
+    n_slices = c1.number_input("Slices", 1, n, key=state.bind("evaluate.n_slices", min(5, n)), on_change=state.store,
+                               args=("evaluate.n_slices",), help="evenly spaced between the skipped ends")
+    skip = c2.number_input("Skip at each end", 0, max(0, (n - 1) // 2), key=state.bind("evaluate.skip", min(2, (n - 1) // 2)),
+                           on_change=state.store, args=("evaluate.skip",), help="the thesis skips 40 of ~200")
+    points = c3.number_input("Points per class", 1, 200, key=state.bind("evaluate.points", 25), on_change=state.store,
+                             args=("evaluate.points",), help="sampled from the ground truth, away from its boundary")
+    seeds = c4.number_input("Seeds", 1, 10, key=state.bind("evaluate.seeds", 1), on_change=state.store,
+                            args=("evaluate.seeds",))
+    c5, c6 = st.columns(2)
+    methods = c5.multiselect("Methods", list(evaluate.METHODS), format_func=evaluate.METHODS.get,
+                             key=state.bind("evaluate.methods", ["session"]), on_change=state.store,
+                             args=("evaluate.methods",))
+    settings = c6.multiselect("Settings", list(evaluate.ONE_STACK_SETTINGS),
+                              key=state.bind("evaluate.settings", ["same-slice", "same-file"]), on_change=state.store,
+                              args=("evaluate.settings",),
+                              help="same-slice: prototypes from the slice itself; same-file: from one reference slice "
+                                   "applied to the others")
+    if st.button("Run evaluation", type="primary", key="evaluate.run"):
+        with st.status("Evaluating…", expanded=False) as status:
+            result = evaluate.run(ctx, method_names=methods, n_slices=n_slices, skip_ends=skip, n_points=points,
+                                  n_seeds=seeds, protocol_settings=settings, log=status.write)
+            status.update(label=f"Evaluation finished in {result.seconds:.1f} s", state="complete")
+        state.put("evaluate.result", result)
+
+
+def show(result) -> None:
+    import pandas as pd
+    import plotly.express as px
+
+    for note in result.notes:
+        st.caption(f"Note: {note}")
+    st.caption("Evaluated slices: " + "; ".join(f"{name}: {zs}" for name, zs in result.slices.items()))
+    st.subheader("Summary (mean ± std)")
+    st.dataframe(evaluate.summary(result), hide_index=True)
+    rows = evaluate.per_slice(result)
+    if not rows:
+        return
+    table = pd.DataFrame(rows)
+    table.insert(0, "method / setting", table["method"] + " / " + table["setting"])
+    left, right = st.columns(2)
+    dice = px.strip(table, x="method / setting", y="dice", color="method / setting", hover_data=["z", "seed", "ref_z"],
+                    title="Dice per slice")
+    dice.update_layout(height=340, showlegend=False, yaxis_range=[0, 1], margin=dict(l=10, r=10, t=40, b=10))
+    left.plotly_chart(dice, key="evaluate.dice_plot")
+    hd = px.line(table.sort_values(["method / setting", "z"]), x="z", y="hd95_px", color="method / setting",
+                 markers=True, title="HD95 per slice (pixels)")
+    hd.update_layout(height=340, margin=dict(l=10, r=10, t=40, b=10))
+    right.plotly_chart(hd, key="evaluate.hd_plot")
+    st.subheader("Per slice")
+    st.dataframe(table, hide_index=True)
+    st.download_button("Download the per-slice table (CSV)", data=table.to_csv(index=False), file_name="evaluation.csv", mime="text/csv",
+                       key="evaluate.download", on_click="ignore")
+
+
+def page() -> None:
+    ctx = resources.require_context()
+    st.header("Evaluate")
+    if ctx.truth is None:
+        st.info("The evaluation compares masks with a ground truth: choose a ground-truth channel or mask file on the "
+                "Open sample page (the synthetic demo's is channel 1).")
+        layout.page_link("home", "Open sample", icon=":material/folder_open:")
+        return
+    st.caption(f"The thesis protocol: points are sampled from the ground truth ({ctx.truth.describe(ctx.stack.channel_names)}), "
+               "prototypes built from them, and the masks scored with Dice, IoU and HD95 on evenly spaced slices.")
+    layout.run_page(lambda: controls(ctx))
+    result = state.get("evaluate.result")
+    if result is not None:
+        show(result)
+
+
+layout.run_page(page)

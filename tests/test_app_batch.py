@@ -1,0 +1,166 @@
+"""AppTest of the Batch page: apply a saved prototype to the whole 24-slice demo, files written server-side
+(TIFF, OME-TIFF, HDF5, CSV), areas and volume; resume from the cache; errors for bad input."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+
+from core.prototypes import prototype_to_bytes
+from ui import testing
+
+Z = 12
+
+
+@pytest.fixture
+def app(tmp_path_factory, monkeypatch, tmp_path):
+    env = testing.app_environment(tmp_path_factory.getbasetemp())
+    env["PROTOSCOPE_OUTPUT_DIR"] = str(tmp_path / "out")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    at = testing.open_demo(testing.new_app(timeout=300))
+    testing.goto(at, "segment")
+    positive, negative = testing.seed_points(testing.demo_truth(Z))
+    testing.click(at, positive, "positive")
+    testing.click(at, negative, "negative")
+    at.button(key="segment.save").click().run()
+    return testing.goto(at, "batch")
+
+
+@pytest.mark.slow
+def test_batch_writes_masks_areas_and_volume(app, tmp_path):
+    assert not app.exception and not app.error
+    assert app.radio(key="_w.batch.source").value == "saved"
+    assert app.multiselect(key="_w.batch.formats").options == [
+        "Multi-page TIFF (ImageJ) (.tif)", "OME-TIFF (.ome.tif)", "HDF5 (.h5)"]  # no .ims copy for a TIFF source
+    app.multiselect(key="_w.batch.formats").set_value(["tif", "ome", "h5"]).run()
+    app.button(key="batch.run").click().run(timeout=300)
+    assert not app.exception and not app.error
+    assert any("Batch finished: 24 slices" in s.value for s in app.success)
+
+    out = tmp_path / "out"
+    tif = next(p for p in out.glob("*.tif") if not p.name.endswith(".ome.tif"))
+    with tifffile.TiffFile(tif) as handle:
+        masks = handle.series[0].asarray()
+        assert handle.imagej_metadata["spacing"] == pytest.approx(2.0)
+    assert masks.shape == (24, 256, 256) and masks.dtype == np.uint8
+    assert set(np.unique(masks)) == {0, 255}
+    with tifffile.TiffFile(next(out.glob("*.ome.tif"))) as handle:
+        np.testing.assert_array_equal(handle.series[0].asarray(), masks)
+    with h5py.File(next(out.glob("*.h5")), "r") as handle:
+        np.testing.assert_array_equal(handle["mask"][()], masks)
+        np.testing.assert_allclose(handle["mask"].attrs["element_size_um"], [2.0, 0.8, 0.8])
+
+    rows = list(csv.DictReader(io.StringIO(next(out.glob("*_areas.csv")).read_text())))
+    assert [int(r["z"]) for r in rows] == list(range(24))
+    counts = (masks == 255).sum(axis=(1, 2))
+    assert [int(r["area_px"]) for r in rows] == counts.tolist()
+    np.testing.assert_allclose([float(r["area_um2"]) for r in rows], counts * 0.64, rtol=1e-5)
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["Slices"] == "24"
+    assert metrics["Mask voxels"] == f"{int(counts.sum()):,}"
+    assert metrics["Volume (µm³)"] == f"{counts.sum() * 0.64 * 2.0:,.0f}"  # area x 0.8 µm x 0.8 µm x 2 µm slices
+    # thesis mode keeps the top 10 % of the 4900 patches of every slice
+    assert np.all(np.abs(counts / 65536 - 0.10) < 0.02)
+    labels = [b.label for b in app.get("download_button")]
+    assert any(label.startswith("Download Multi-page TIFF") for label in labels)
+    assert any(label.startswith("Download Per-slice areas (CSV)") for label in labels)
+    assert app.session_state["batch.result"].montage_png[:4] == b"\x89PNG"
+    assert not list(out.glob(".~*")) and not list(out.glob("*.npy"))  # no temp or memmap files left
+
+    # resume: everything is cached now, so a second run embeds nothing
+    app.run()
+    assert any("24 already embedded" in c.value for c in app.caption)
+
+
+def test_bad_slices_and_foreign_prototypes_are_short_errors(app):
+    app.text_input(key="_w.batch.z").input("0:99").run()
+    assert any("ends outside the stack" in e.value for e in app.error)
+    app.text_input(key="_w.batch.z").input("0:4").run()
+    assert not app.error
+    assert any("4 slice(s)" in c.value for c in app.caption)
+
+    saved = app.session_state["segment.prototypes"][0].prototype
+    foreign = dataclasses.replace(saved, backbone="dinov2_vits14")
+    app.radio(key="_w.batch.source").set_value("upload").run()
+    app.file_uploader(key="batch.upload").upload("other.npz", prototype_to_bytes(foreign)).run()
+    errors = [e.value for e in app.error]
+    assert len(errors) == 1
+    assert "'other.npz' was made with backbone 'dinov2_vits14' but 'filterbank' is selected" in errors[0]
+    assert not app.exception
+
+
+def test_uploaded_prototype_applies_to_a_few_slices(app, tmp_path):
+    data = app.session_state["segment.prototypes"][0].data
+    app.radio(key="_w.batch.source").set_value("upload").run()
+    app.file_uploader(key="batch.upload").upload("mine.npz", data).run()
+    app.text_input(key="_w.batch.z").input("10:14").run()
+    app.button(key="batch.run").click().run(timeout=300)
+    assert not app.exception and not app.error
+    out = tmp_path / "out"
+    tif = next(p for p in out.glob("*_mine_*.tif"))
+    with tifffile.TiffFile(tif) as handle:
+        assert handle.series[0].shape == (4, 256, 256)
+    assert Path(app.session_state["batch.result"].files["csv"]).exists()
+
+
+def test_other_stack_by_path_and_a_wrong_channel(app, tmp_path, monkeypatch):
+    demo_dir = Path(app.session_state["home.sample"].path).parent
+    monkeypatch.setenv("PROTOSCOPE_DATA_ROOT", str(demo_dir))
+    app.radio(key="_w.batch.target").set_value("other").run()
+    app.text_input(key="_w.batch.other_path").input("synthetic_vessels.ome.tif").run()
+    app.number_input(key="_w.batch.other_channel").set_value(5).run()
+    assert [e.value for e in app.error] == [
+        "channel 5 requested but 'synthetic_vessels.ome.tif' has channels 0..1 (or -2..-1 counting from the end)"]
+    app.number_input(key="_w.batch.other_channel").set_value(0).run()
+    app.text_input(key="_w.batch.z").input("11:13").run()
+    app.button(key="batch.run").click().run(timeout=300)
+    assert not app.exception and not app.error
+    assert app.session_state["batch.result"].z_values == [11, 12]
+
+
+@pytest.mark.shared_data
+def test_imaris_copy_gets_the_mask_channel(shared_data, tmp_path_factory, monkeypatch, tmp_path):
+    """A real Imaris file (ImarisWriter sample: 40 x 260 x 300, channels image, image, 0/255 mask)."""
+    import h5py
+
+    from core.io import open_stack
+
+    env = testing.app_environment(tmp_path_factory.getbasetemp(), data_root=shared_data / "ims")
+    env["PROTOSCOPE_OUTPUT_DIR"] = str(tmp_path / "out")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    at = testing.new_app(timeout=300)
+    at.radio(key="_w.home.source").set_value("File in the data root").run()
+    at.selectbox(key="home.file_pick").set_value("imariswriter_sample.ims").run()
+    at.button(key="home.open_file").click().run()
+    assert at.session_state["home.channel"] == 1  # the lab convention: the penultimate channel of an .ims
+    testing.goto(at, "segment")
+    source = shared_data / "ims" / "imariswriter_sample.ims"
+    with open_stack(source) as stack:
+        truth = stack.read_slice(20, 2) > 0
+    positive, negative = testing.seed_points(truth)
+    testing.click(at, positive, "positive", slice_shape=truth.shape)
+    testing.click(at, negative, "negative", slice_shape=truth.shape)
+    at.button(key="segment.save").click().run()
+    testing.goto(at, "batch")
+    at.multiselect(key="_w.batch.formats").set_value(["ims"]).run()
+    at.text_input(key="_w.batch.z").input("19:21").run()
+    at.button(key="batch.run").click().run(timeout=300)
+    assert not at.exception and not at.error
+    copy = Path(at.session_state["batch.result"].files["ims"])
+    with open_stack(copy) as stack:
+        assert stack.shape == (40, 4, 260, 300)  # one channel more than the source
+        assert stack.read_slice(0, 3).max() == 0  # slices outside the z-range stay empty
+        masks = [stack.read_slice(z, 3) for z in (19, 20)]
+    areas = at.session_state["batch.result"].area_px
+    assert [int((m > 0).sum()) for m in masks] == areas and all(a > 0 for a in areas)
+    with h5py.File(source, "r") as original:
+        assert len([k for k in original["DataSet/ResolutionLevel 0/TimePoint 0"]]) == 3  # source untouched

@@ -1,0 +1,164 @@
+"""AppTest of the home page (app.py): open the demo, by path inside the data root, by upload; channels,
+ground truth, backbones (with the random-weights warning) and the errors a user can cause."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from core.config import PipelineConfig
+from ui import testing
+
+
+@pytest.fixture
+def data_root(tmp_path):
+    """A data root with one 3-slice uint16 stack in a sub-folder and one damaged TIFF."""
+    root = tmp_path / "root"
+    (root / "lab").mkdir(parents=True)
+    stack = np.arange(3 * 2 * 32 * 40, dtype=np.uint16).reshape(3, 2, 32, 40)
+    tifffile.imwrite(root / "lab" / "sample.tif", stack, imagej=True, metadata={"axes": "ZCYX"})
+    (root / "broken.tif").write_bytes(b"II*\x00 this is not really a tiff")
+    return root
+
+
+@pytest.fixture
+def app(tmp_path_factory, monkeypatch, data_root):
+    for key, value in testing.app_environment(tmp_path_factory.getbasetemp(), data_root).items():
+        monkeypatch.setenv(key, value)
+    return testing.new_app()
+
+
+def texts(at, kind: str) -> list[str]:
+    return [element.value for element in getattr(at, kind)]
+
+
+def test_home_starts_with_the_offline_backbone_and_no_sample(app):
+    assert not app.exception
+    assert "No sample open" in texts(app, "caption")
+    assert any("Filter bank (offline)" in text for text in texts(app, "markdown"))
+    assert "Device: CPU (numpy)" in texts(app, "caption")
+    assert app.session_state["home.sample"] is None
+
+
+def test_demo_opens_with_image_channel_0_and_truth_channel_1(app):
+    testing.open_demo(app)
+    assert not app.exception and not app.error
+    sample = app.session_state["home.sample"]
+    assert sample.origin == "demo" and sample.path.endswith("synthetic_vessels.ome.tif")
+    assert any("synthetic demo, not a real sample" in text for text in texts(app, "markdown"))
+    assert "ome-tiff · 24 slices x 2 channel(s) x 256 x 256 px · uint16 · voxel 0.8 x 0.8 x 2 µm" in texts(app, "caption")
+    assert app.session_state["home.channel"] == 0
+    assert app.session_state["home.truth"].channel == 1
+    assert "Synthetic demo stack (generated, not a real sample)" in texts(app, "caption")
+
+
+def test_truth_channel_equal_to_image_channel_is_an_error(app):
+    testing.open_demo(app)
+    app.selectbox(key="_w.home.truth_channel").set_value(0).run()
+    assert any("is the image channel" in text for text in texts(app, "error"))
+    assert app.session_state["home.truth"] is None
+    app.selectbox(key="_w.home.channel").set_value(1).run()  # swap: image 1, truth 0
+    assert not app.error
+    assert app.session_state["home.truth"].channel == 0
+    assert app.session_state["home.channel"] == 1
+
+
+def test_path_outside_the_data_root_is_refused(app, tmp_path):
+    app.radio(key="_w.home.source").set_value("File in the data root").run()
+    outside = tmp_path / "outside.tif"
+    tifffile.imwrite(outside, np.zeros((2, 8, 8), np.uint8), photometric="minisblack")
+    for typed in (str(outside), "../outside.tif"):
+        app.text_input(key="home.path_text").input(typed).run()
+        app.button(key="home.open_path").click().run()
+        assert any("is outside the data root" in text and "PROTOSCOPE_DATA_ROOT" in text for text in texts(app, "error"))
+        assert app.session_state["home.sample"] is None
+    assert not app.exception
+
+
+def test_picker_opens_a_stack_inside_the_root(app, data_root):
+    app.radio(key="_w.home.source").set_value("File in the data root").run()
+    app.selectbox(key="home.browse_pick").set_value("lab/").run()
+    assert app.session_state["home.browse"] == "lab"
+    app.selectbox(key="home.file_pick").set_value("sample.tif").run()
+    app.button(key="home.open_file").click().run()
+    assert not app.error and not app.exception
+    assert app.session_state["home.sample"].path == str((data_root / "lab" / "sample.tif").resolve())
+    assert "imagej-tiff · 3 slices x 2 channel(s) x 32 x 40 px · uint16 · voxel unknown (areas in pixels only)" in texts(app, "caption")
+    assert app.session_state["home.truth"] is None
+
+
+def test_damaged_file_gives_a_short_error(app):
+    app.radio(key="_w.home.source").set_value("File in the data root").run()
+    app.selectbox(key="home.file_pick").set_value("broken.tif").run()
+    app.button(key="home.open_file").click().run()
+    assert not app.exception
+    errors = texts(app, "error")
+    assert len(errors) == 1 and "broken.tif" in errors[0] and "Traceback" not in errors[0]
+    assert app.session_state["home.sample"] is None
+
+
+def test_upload_opens_the_file(app, tmp_path):
+    app.radio(key="_w.home.source").set_value("Upload a small file").run()
+    path = tmp_path / "up.tif"
+    tifffile.imwrite(path, np.full((4, 16, 16), 7, np.uint8), photometric="minisblack")
+    app.file_uploader(key="home.upload").upload("up.tif", path.read_bytes(), "image/tiff").run()
+    app.button(key="home.open_upload").click().run()
+    assert not app.error and not app.exception
+    sample = app.session_state["home.sample"]
+    assert sample.origin == "upload" and sample.name == "up.tif"
+    with tifffile.TiffFile(sample.path) as tif:
+        assert tif.series[0].shape == (4, 16, 16)
+
+
+def test_truth_file_with_another_shape_is_refused(app, data_root):
+    testing.open_demo(app)
+    app.radio(key="_w.home.truth_kind").set_value("A mask file").run()
+    app.text_input(key="home.truth_path").input("lab/sample.tif").run()
+    app.button(key="home.use_truth").click().run()
+    assert any("is 3 x 32 x 40" in text and "choose the mask file that belongs" in text for text in texts(app, "error"))
+    assert app.session_state["home.truth"] is None
+
+
+def test_random_weights_are_loaded_and_flagged(app):
+    app.session_state["home.backbone_overrides"] = testing.TINY_DINOV2
+    app.selectbox(key="_w.home.backbone_name").set_value("dinov2_vits14").run()
+    app.radio(key="_w.home.weights_kind").set_value("random").run()
+    app.button(key="home.load_backbone").click().run()
+    assert not app.error and not app.exception
+    warnings = texts(app, "warning")
+    assert any("RANDOM WEIGHTS — timing only" in text for text in warnings)
+    assert any("DINOv2 ViT-S/14 · RANDOM WEIGHTS" in text for text in texts(app, "markdown"))
+    assert app.session_state["home.backbone"].weights == "random"
+
+
+def test_missing_weights_say_what_to_do(app, tmp_path):
+    app.selectbox(key="_w.home.backbone_name").set_value("dinov2_vits14").run()
+    app.radio(key="_w.home.weights_kind").set_value("path").run()
+    app.text_input(key="_w.home.weights_path").input(str(tmp_path / "nothing.pth")).run()
+    app.button(key="home.load_backbone").click().run()
+    errors = texts(app, "error")
+    assert any("does not exist" in text and "Three ways to provide the weights" in text for text in errors)
+    assert app.session_state["home.backbone"].name == "filterbank"  # the active backbone is unchanged
+    assert not app.exception
+
+
+def test_best_mode_and_a_bad_threshold_option(app):
+    app.radio(key="_w.home.mode").set_value("best").run()
+    assert "mode=best" in " ".join(texts(app, "caption"))
+    app.text_input(key="_w.home.opt_threshold").input("top:lots").run()
+    assert any("cannot read the number in threshold" in text for text in texts(app, "error"))
+    app.text_input(key="_w.home.opt_threshold").input("score:0.3").run()
+    assert not app.error
+    assert "threshold=score:0.3" in " ".join(texts(app, "caption"))
+
+
+def test_advanced_options_change_only_what_was_changed(app):
+    app.slider(key="_w.home.opt_lambda").set_value(0.5).run()
+    assert app.session_state["home.options"]["negative_weight"] == 0.5
+    assert app.session_state["home.options"]["scoring"] is None  # untouched: the mode's default stays in charge
+    assert "λ=0.5" in " ".join(texts(app, "caption"))
+    app.radio(key="_w.home.mode").set_value("best").run()  # a mode switch starts from that mode's settings
+    best = PipelineConfig.best().negative_weight
+    assert app.slider(key="_w.home.opt_lambda").value == best
+    assert f"λ={best:g}" in " ".join(texts(app, "caption"))

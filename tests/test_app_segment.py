@@ -1,0 +1,199 @@
+"""AppTest of the Segment page: clicks (injected as the canvas's value), heatmap, mask, area, thresholds,
+undo/clear, points on several slices, saved prototypes, and the state kept across pages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from core.config import PipelineConfig
+from core.embedding import SliceEmbedder
+from core.embedding_cache import EmbeddingCache
+from core.io import open_stack
+from core.pipeline import Scorer, build_prototype
+from core.prototypes import PointSet, load_prototype
+from core.thresholds import ThresholdSpec, otsu_value
+from ui import canvas, testing
+
+Z = 12  # the page opens on slice 24 // 2
+
+
+@pytest.fixture
+def app(tmp_path_factory, monkeypatch):
+    for key, value in testing.app_environment(tmp_path_factory.getbasetemp()).items():
+        monkeypatch.setenv(key, value)
+    at = testing.open_demo(testing.new_app())
+    return testing.goto(at, "segment")
+
+
+@pytest.fixture
+def seeds():
+    return testing.seed_points(testing.demo_truth(Z))
+
+
+def click_four(at, seeds):
+    positive, negative = seeds
+    testing.click(at, positive, "positive")
+    return testing.click(at, negative, "negative")
+
+
+def sid(at) -> str:
+    return testing.canvas_key(at).split(".")[2]
+
+
+def reference_segmentation(at, points: PointSet, threshold: str = "top:10"):
+    """The same segmentation computed directly with core (fresh embedder, same on-disk cache)."""
+    sample = at.session_state["home.sample"]
+    with open_stack(sample.path) as stack:
+        config = PipelineConfig.thesis()
+        embedder = SliceEmbedder(stack, 0, load_backbone_filterbank(), config.preprocess, cache=EmbeddingCache())
+        prototype = build_prototype(embedder, points, config)
+        scorer = Scorer(prototype)
+        return scorer.segment(embedder, Z, threshold=ThresholdSpec.parse(threshold))
+
+
+def load_backbone_filterbank():
+    from core.backbones import load_backbone
+
+    return load_backbone("filterbank")
+
+
+def test_page_asks_for_points_first(app):
+    assert not app.exception and not app.error
+    assert any("Click positive points" in info.value for info in app.info)
+    view = app.session_state["segment.view"]
+    assert view.segmentation is None and view.display == (512, 512)
+
+
+def test_clicks_give_the_heatmap_mask_and_area_of_core(app, seeds):
+    click_four(app, seeds)
+    assert not app.exception and not app.error
+    (px, py), (nx, ny) = seeds[0][0], seeds[1][0]
+    stored = app.session_state["segment.points"][sid(app)][Z]
+    assert [p[2] for p in stored] == [1, 1, -1, -1]
+    assert stored[0][:2] == [px, py] and stored[2][:2] == [nx, ny]  # canvas px -> image px round trip
+    view = app.session_state["segment.view"]
+    points = PointSet(np.array([[x, y, Z] for x, y in seeds[0]]), np.array([[x, y, Z] for x, y in seeds[1]]))
+    expected = reference_segmentation(app, points)
+    np.testing.assert_array_equal(view.segmentation.mask, expected.mask)
+    assert view.segmentation.score_map.shape == (70, 70)
+    assert int((view.segmentation.score_map >= expected.threshold).sum()) >= 490  # top 10 % of 4900 patches
+    area = int(expected.mask.sum())
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["Mask area (px)"] == f"{area:,}"
+    assert metrics["Mask area (µm²)"] == f"{area * 0.8 * 0.8:,.0f}"  # demo pixels are 0.8 x 0.8 µm
+    assert set(view.timings) == {"prototype", "scores", "mask", "image", "total"}
+    assert view.image_png[:2] == b"\xff\xd8"  # JPEG overlay for the canvas
+
+
+def test_threshold_move_recomputes_only_the_mask(app, seeds):
+    click_four(app, seeds)
+    prototypes = dict(app.session_state["segment._memo.prototype"])
+    scores = dict(app.session_state["segment._memo.scores"])
+    area_10 = app.session_state["segment.view"].area_px
+    app.slider(key="_w.segment.th_top").set_value(20.0).run()
+    view = app.session_state["segment.view"]
+    # same prototype and score-map objects: nothing but the mask was computed
+    assert dict(app.session_state["segment._memo.prototype"]) == prototypes
+    assert all(app.session_state["segment._memo.scores"][k] is v for k, v in scores.items())
+    assert view.area_px > area_10
+    grid = view.segmentation.score_map
+    assert int((grid >= view.segmentation.threshold).sum()) == 980  # exactly 20 % of 4900 patches (no ties)
+
+
+def test_absolute_score_and_the_otsu_button(app, seeds):
+    click_four(app, seeds)
+    app.radio(key="_w.segment.th_kind").set_value("score").run()
+    app.slider(key="_w.segment.th_score").set_value(0.1).run()
+    seg = app.session_state["segment.view"].segmentation
+    assert seg.threshold == pytest.approx(0.1)
+    assert seg.mask.sum() == (seg.scores >= 0.1).sum()
+    app.button(key="segment.otsu").click().run()
+    seg = app.session_state["segment.view"].segmentation
+    assert app.session_state["segment.th_kind"] == "score"
+    assert app.session_state["segment.th_score"] == pytest.approx(round(otsu_value(seg.scores), 3))
+    assert seg.threshold == pytest.approx(app.session_state["segment.th_score"])
+
+
+def test_undo_and_clear(app, seeds):
+    click_four(app, seeds)
+    app.button(key="segment.undo").click().run()
+    assert [p[2] for p in app.session_state["segment.points"][sid(app)][Z]] == [1, 1, -1]
+    app.button(key="segment.clear").click().run()
+    assert Z not in app.session_state["segment.points"][sid(app)]
+    assert app.session_state["segment.view"].segmentation is None
+    assert not app.exception
+
+
+def test_points_on_two_slices_are_both_used(app, seeds):
+    click_four(app, seeds)
+    app.slider(key="_w.segment.z").set_value(5).run()
+    positive, _ = testing.seed_points(testing.demo_truth(5))
+    testing.click(app, positive[:1], "positive")
+    view = app.session_state["segment.view"]
+    assert view.prototype.points.slices == [5, 12]
+    assert len(view.prototype.positive_examples) == 3 and len(view.prototype.negative_examples) == 2
+    assert "3 positive, 2 negative on 2 slice(s)" in " ".join(m.value for m in app.markdown)
+
+
+def test_saved_prototype_downloads_and_loads_back(app, seeds):
+    click_four(app, seeds)
+    app.text_input(key="segment.proto_name").input("vessels").run()
+    app.button(key="segment.save").click().run()
+    assert any("Saved 'vessels'" in s.value for s in app.success)
+    saved = app.session_state["segment.prototypes"]
+    assert [p.name for p in saved] == ["vessels"]
+    assert any(b.label == "Download vessels.npz" for b in app.get("download_button"))
+    loaded = load_prototype(saved[0].data, backbone="filterbank", embed_dim=49)
+    assert str(loaded.config.threshold) == "top:10"
+    np.testing.assert_array_equal(loaded.points.positive, [[x, y, Z] for x, y in seeds[0]])
+    with pytest.raises(Exception, match="made with backbone 'filterbank'"):
+        load_prototype(saved[0].data, backbone="dinov2_vits14")
+
+
+def test_points_and_settings_survive_other_pages(app, seeds):
+    click_four(app, seeds)
+    app.slider(key="_w.segment.th_top").set_value(15.0).run()
+    app.slider(key="_w.segment.opacity").set_value(0.8).run()
+    testing.goto(app, "features")
+    app.switch_page("app.py").run()
+    testing.goto(app, "segment")
+    assert app.slider(key="_w.segment.th_top").value == 15.0
+    assert app.slider(key="_w.segment.opacity").value == 0.8
+    assert len(app.session_state["segment.points"][sid(app)][Z]) == 4
+    assert app.session_state["segment.view"].segmentation is not None
+
+
+def test_canvas_geometry_and_label_sync():
+    # a point-mode click at canvas (100, 100) on a 512 px canvas over a 256 px slice: Fabric stores
+    # left = 100 - (radius 4 + stroke 2 / 2) = 95, top = 100; the image pixel is (50, 50)
+    circle = {"type": "Circle", "left": 95, "top": 100, "radius": 4, "strokeWidth": 2, "originX": "left", "originY": "center"}
+    assert canvas.to_image_xy(circle, (512, 512), (256, 256)) == (50, 50)
+    assert canvas.to_image_xy(canvas.to_object(31, 7, -1, (512, 256), (100, 200)), (512, 256), (100, 200)) == (31, 7)
+    stored = [[50, 50, 1]]
+    objects = [circle, canvas.to_object(10, 20, 1, (512, 512), (256, 256))]
+    merged, added = canvas.sync_points(stored, objects, -1, (512, 512), (256, 256))
+    assert merged == [[50, 50, 1], [10, 20, -1]] and added == 1  # the new point takes the radio's label
+    merged, added = canvas.sync_points(merged, objects[:1], -1, (512, 512), (256, 256))
+    assert merged == [[50, 50, 1]] and added == 0  # the canvas's own undo removed one
+
+
+def test_best_mode(app, seeds):
+    """Best mode as core defines it now (its defaults are being tuned): threshold kind and resolution follow it."""
+    best = PipelineConfig.best()
+    app.switch_page("app.py").run()
+    app.radio(key="_w.home.mode").set_value("best").run()
+    testing.goto(app, "segment")
+    testing.click(app, seeds[0], "positive")
+    if best.uses_pixels:
+        assert any("needs negative points too" in info.value for info in app.info)
+    testing.click(app, seeds[1], "negative")
+    assert not app.exception and not app.error
+    view = app.session_state["segment.view"]
+    assert app.session_state["segment.th_kind"] == best.threshold.kind
+    if best.uses_pixels:
+        assert view.segmentation.score_map.shape == (256, 256)  # pixel-level scores at the working resolution
+    if best.threshold.kind == "calibrated":
+        assert view.segmentation.threshold == pytest.approx(view.prototype.calibrated_threshold)
+    if (best.upsampling.value != "nearest" or best.uses_pixels) and not best.cleanup.active:
+        assert view.segmentation.mask.sum() == (view.segmentation.scores >= view.segmentation.threshold).sum()

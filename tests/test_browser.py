@@ -1,0 +1,185 @@
+"""End to end in a real browser: the demo, four clicks, heatmap and mask, threshold, prototypes, batch, TIFF.
+
+Starts ``streamlit run app.py`` on a free 127.0.0.1 port (own process group, killed afterwards) and drives
+it with Playwright and Debian's chromium (/usr/bin/chromium; never ``playwright install``). Everything the
+app writes goes to temporary folders (cache, demo, uploads, outputs). Screenshots go to
+$PROTOSCOPE_SCREENSHOT_DIR (default: test-artifacts/, git-ignored); docs/screenshots/ holds two of them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ui.testing import app_environment, seed_points
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+Z = 12  # the slice the Segment page opens on: the demo's 24 slices // 2
+DISPLAY_SCALE = 2.0  # the demo's 256 px slices are drawn 512 px wide
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed at /usr/bin/chromium "
+                       "(scripts/run_tests.sh installs it with apt-get when it may)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_server(tmp_path_factory):
+    """(base URL, folders) of a running app with temporary cache, demo, upload and output folders."""
+    base = tmp_path_factory.getbasetemp()
+    # demo and cache are shared with the AppTest files (same folders): slices they embedded are reused
+    app_env = app_environment(base)
+    app_env["PROTOSCOPE_OUTPUT_DIR"] = str(base / "browser-out")
+    folders = {"demo": Path(app_env["PROTOSCOPE_DEMO_DIR"]), "out": Path(app_env["PROTOSCOPE_OUTPUT_DIR"])}
+    port = _free_port()
+    env = {**os.environ, **app_env}
+    log = open(base / "browser-streamlit.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.address",
+         "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"streamlit did not start; see {base / 'browser-streamlit.log'}")
+            time.sleep(0.2)  # polling the health endpoint, not waiting for the UI
+        yield url, folders
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+
+
+def _canvas_pixels(page) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(page.locator("canvas.dc-background-canvas").screenshot())).convert("RGB"))
+
+
+def _wait_idle(page) -> None:
+    """Until the app's script run (started by the last widget change) has finished."""
+    page.locator("[data-testid=stApp][data-test-script-state=notRunning]").wait_for()
+
+
+def _screenshot_dir() -> Path:
+    folder = Path(os.environ.get("PROTOSCOPE_SCREENSHOT_DIR", PROJECT_ROOT / "test-artifacts"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_demo_click_threshold_save_batch_download(app_server, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    import tifffile
+
+    url, folders = app_server
+    shots = _screenshot_dir()
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+            page.set_default_timeout(60_000)
+            page.goto(url)
+            page.get_by_role("button", name="Open the synthetic demo").click()
+            page.get_by_text("synthetic demo, not a real sample").wait_for()
+
+            page.get_by_role("link", name="Segment").first.click()
+            page.get_by_text("Click positive points on the structure").wait_for(timeout=120_000)
+            target = page.locator("canvas.upper-canvas")
+            target.wait_for()
+            before = _canvas_pixels(page)
+
+            demo = next(folders["demo"].glob("*.ome.tif"))
+            with tifffile.TiffFile(demo) as tif:
+                truth = tif.series[0].asarray()[Z, 1] > 0
+            positive, negative = seed_points(truth)
+            clicks = 0
+            for label, points in (("positive", positive), ("negative", negative)):
+                if label == "negative":
+                    page.get_by_text("negative point (background)").click()
+                    _wait_idle(page)
+                for x, y in points:
+                    target.click(position={"x": (x + 0.5) * DISPLAY_SCALE, "y": (y + 0.5) * DISPLAY_SCALE})
+                    clicks += 1
+                    n_pos, n_neg = min(clicks, 2), max(0, clicks - 2)
+                    page.get_by_text(f"{n_pos} positive, {n_neg} negative").wait_for()
+            page.get_by_text("Mask area (px)").wait_for()
+            after = _canvas_pixels(page)
+            # the heatmap is blended in (the picture changed) and the mask outline is drawn in cyan
+            assert np.abs(after.astype(int) - before.astype(int)).mean() > 10
+            cyan = (after[..., 0] < 90) & (after[..., 1] > 190) & (after[..., 2] > 190)
+            assert cyan.sum() > 50
+            page.screenshot(path=str(shots / "segment.png"), full_page=True)
+
+            area_text = page.get_by_test_id("stMetricValue").first.inner_text()
+            slider = page.get_by_role("slider", name="Top % of the slice")
+            slider.focus()
+            for _ in range(4):
+                page.keyboard.press("ArrowRight")
+            page.get_by_test_id("stMetricValue").first.filter(has_not_text=area_text).wait_for()
+            new_area = int(page.get_by_test_id("stMetricValue").first.inner_text().replace(",", ""))
+            assert new_area > int(area_text.replace(",", ""))  # 12 % of the slice instead of 10 %
+
+            page.get_by_role("button", name="Save prototypes").click()
+            page.get_by_text("Saved 'prototype-1'").wait_for()
+            page.get_by_role("button", name="Download prototype-1.npz").wait_for()
+
+            page.get_by_role("link", name="Batch").first.click()
+            page.get_by_role("button", name="Run batch").click()
+            page.get_by_text("Batch finished").wait_for(timeout=240_000)
+            montage = page.get_by_text("Montage").first
+            montage.wait_for()
+            page.locator("[data-testid=stPlotlyChart] .main-svg").first.wait_for()
+            page.get_by_role("heading", name=re.compile("Result")).evaluate("e => e.scrollIntoView({block: 'start'})")
+            page.screenshot(path=str(shots / "batch.png"))
+
+            with page.expect_download() as download_info:
+                page.get_by_role("button", name=re.compile(r"Download Multi-page TIFF")).click()
+            saved = tmp_path / download_info.value.suggested_filename
+            download_info.value.save_as(saved)
+        finally:
+            browser.close()
+
+    with tifffile.TiffFile(saved) as tif:
+        masks = tif.series[0].asarray()
+    assert masks.shape == (24, 256, 256)
+    assert masks.dtype == np.uint8
+    assert set(np.unique(masks)) == {0, 255}
+    # 12 % of each slice's 70 x 70 patches (top:12 after four slider steps of 0.5), nearest-resized: ~12 % of pixels
+    fraction = (masks == 255).mean(axis=(1, 2))
+    assert np.all((fraction > 0.10) & (fraction < 0.14))
+    # the mask follows the vessels: far more of the slice's vessel pixels are inside it than of the background
+    hit = (masks[Z] == 255)
+    assert hit[truth].mean() > 2 * hit[~truth].mean()

@@ -1,0 +1,145 @@
+"""The Batch page's work: apply a prototype to a z-range, write the masks server-side, summarise the result.
+
+Masks go into a memory-mapped volume inside the output folder (``core.batch.MaskVolume``), so results
+larger than RAM work; the files are written only after the last slice, so a cancelled run leaves no
+half-written output. Embeddings go through the on-disk cache: a cancelled run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from core.batch import MaskVolume, apply_prototype
+from core.embedding import SliceEmbedder
+from core.errors import ProtoscopeError
+from core.mask_writers import atomic_output, write_masks
+from core.prototypes import Prototype
+from core.thresholds import ThresholdSpec
+from ui import render, settings
+
+FORMATS = {
+    "tif": ("Multi-page TIFF (ImageJ)", ".tif"),
+    "ome": ("OME-TIFF", ".ome.tif"),
+    "h5": ("HDF5", ".h5"),
+    "ims": ("Imaris copy with the mask as a new channel", ".ims"),
+}
+
+
+@dataclass
+class BatchOutputs:
+    """A finished (or cancelled) run, kept in the session for display and downloads."""
+
+    stack_name: str
+    z_values: list[int]
+    area_px: list[int]
+    area_um2: list[float] | None
+    volume_um3: float | None
+    volume_voxels: int
+    seconds: float
+    cancelled: bool = False
+    folder: str = ""
+    files: dict[str, str] = field(default_factory=dict)  # format key -> path ('csv' for the areas)
+    montage_png: bytes = b""
+    csv_text: str = ""
+    threshold: str = ""
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "masks"
+
+
+def latin1(text: str) -> str:
+    """``text`` with characters outside Latin-1 spelled out or replaced ('λ' -> 'lambda', others -> '?')."""
+    return text.replace("λ", "lambda").encode("latin-1", "replace").decode("latin-1")
+
+
+def base_name(stack_path: Path, prototype_name: str) -> str:
+    """'<stack>_<prototype>_<YYYYmmdd-HHMMSS>' for the output files."""
+    return f"{safe_name(settings.stack_stem(stack_path))}_{safe_name(prototype_name)}_{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def montage_slices(z_values: list[int], count: int = 12) -> list[int]:
+    """Up to ``count`` evenly spaced entries of ``z_values`` (first and last included)."""
+    if len(z_values) <= count:
+        return list(z_values)
+    picks = np.unique(np.linspace(0, len(z_values) - 1, count).round().astype(int))
+    return [z_values[i] for i in picks]
+
+
+def cached_count(embedder: SliceEmbedder, z_values: list[int]) -> int:
+    """How many of the requested slices are already embedded (they are skipped: the resume)."""
+    done = embedder.cached_slices()
+    return sum(1 for z in z_values if z in done)
+
+
+def run(
+    embedder: SliceEmbedder,
+    prototype: Prototype,
+    z_values: list[int],
+    formats: list[str],
+    *,
+    prototype_name: str,
+    threshold: ThresholdSpec | None = None,
+    on_progress: Callable[[str, int, int, float | None], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> BatchOutputs:
+    """Segment ``z_values`` of the embedder's stack and write the masks in ``formats`` (keys of FORMATS) + CSV."""
+    stack = embedder.stack
+    if "ims" in formats and stack.format != "ims":
+        raise ProtoscopeError("the Imaris copy needs an .ims source stack; choose TIFF, OME-TIFF or HDF5 for "
+                              f"'{stack.name}'")
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ProtoscopeError(f"unknown output format(s) {unknown}; choose from {list(FORMATS)}")
+    folder = settings.output_dir(stack.path)
+    base = base_name(stack.path, prototype_name)
+    volume = MaskVolume(z_values, embedder.slice_shape, directory=folder)
+    try:
+        result = apply_prototype(embedder, prototype, z_values, volume, threshold=threshold,
+                                 voxel_size=stack.voxel_size, on_progress=on_progress, should_stop=should_stop)
+        outputs = BatchOutputs(stack.name, list(z_values), list(result.area_px), result.area_um2, result.volume_um3,
+                               result.volume_voxels, result.seconds, result.cancelled, str(folder),
+                               csv_text=result.to_csv(), threshold=str(threshold or prototype.config.threshold))
+        if result.cancelled:
+            return outputs
+        # Imaris attributes are Latin-1 (core.ims raises on 'λ'): spell the description in that alphabet
+        description = latin1(f"Protoscope masks of {stack.name} ({prototype.summary()[:300]})")
+        for key in formats:
+            path = folder / f"{base}{FORMATS[key][1]}"
+            if key == "ims":
+                write_masks(volume.full_stack(stack.shape[0]), path, source_ims=stack.path, description=description)
+            else:
+                write_masks(volume.array, path, voxel_size=stack.voxel_size, description=description)
+            outputs.files[key] = str(path)
+        csv_path = folder / f"{base}_areas.csv"
+        with atomic_output(csv_path) as temp:
+            temp.write_text(outputs.csv_text, encoding="utf-8")
+        outputs.files["csv"] = str(csv_path)
+        picks = montage_slices(list(z_values))
+        outputs.montage_png = render.to_png(render.montage(
+            [embedder.normalized(z) for z in picks], [volume.array[volume.index_of[z]] > 0 for z in picks],
+            [f"z {z}" for z in picks]))
+        return outputs
+    finally:
+        volume.close()
+
+
+def area_series(outputs: BatchOutputs) -> tuple[list[float], str]:
+    """Per-slice areas for the plot: µm² when the voxel size is known, else pixels; with the axis label."""
+    if outputs.area_um2 is not None:
+        return list(outputs.area_um2), "mask area (µm²)"
+    return [float(a) for a in outputs.area_px], "mask area (pixels)"
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "estimating…"
+    if seconds < 90:
+        return f"{seconds:.0f} s left"
+    return f"{seconds / 60:.1f} min left"

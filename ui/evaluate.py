@@ -1,0 +1,85 @@
+"""The Evaluate page's work: the thesis protocol (core.protocol) on the open stack and its ground truth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from core.config import PipelineConfig
+from core.errors import ProtoscopeError
+from core.protocol import BASELINES, EvalStack, EvaluationResult, Method, ProtocolSettings, evaluate
+from ui import resources, settings
+from ui.resources import Context
+
+#: Settings that make sense for one stack (cross-file needs two or more).
+ONE_STACK_SETTINGS = ("same-slice", "same-file")
+METHODS = {
+    "session": "the session's settings",
+    "thesis": "thesis mode",
+    "best": "best mode",
+    "otsu": "baseline: Otsu of the raw slice",
+    "intensity": "baseline: intensity halfway between the points",
+}
+
+
+def methods_for(ctx: Context, names: list[str]) -> list[Method]:
+    """core.protocol Methods for the chosen names ('session' = the mode with the advanced options)."""
+    methods = []
+    for name in names:
+        if name == "session":
+            methods.append(Method(f"{ctx.config.mode.value} (session)", ctx.config))
+        elif name in ("thesis", "best"):
+            methods.append(Method(name, PipelineConfig.for_mode(name)))
+        elif name in BASELINES:
+            methods.append(Method(name, None))
+        else:
+            raise ProtoscopeError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    if not methods:
+        raise ProtoscopeError("choose at least one method to evaluate")
+    return methods
+
+
+def run(
+    ctx: Context,
+    *,
+    method_names: list[str],
+    n_slices: int,
+    skip_ends: int,
+    n_points: int,
+    n_seeds: int,
+    protocol_settings: list[str],
+    log: Callable[[str], None] | None = None,
+) -> EvaluationResult:
+    """Evaluate the open stack against its ground truth; rows per (method, setting, slice, seed)."""
+    truth = ctx.truth
+    if truth is None:
+        raise ProtoscopeError("the Evaluate page needs a ground truth: choose a channel or a mask file on the Open "
+                              "sample page")
+    if not protocol_settings:
+        raise ProtoscopeError("choose at least one setting (same-slice, same-file)")
+    stack = EvalStack(Path(ctx.sample.path), ctx.channel, mask_channel=truth.channel,
+                      mask_path=Path(truth.path) if truth.path else None, name=settings.stack_stem(Path(ctx.sample.path)))
+    protocol = ProtocolSettings(n_points=int(n_points), seeds=tuple(range(int(n_seeds))), n_slices=int(n_slices),
+                                skip_ends=int(skip_ends), settings=tuple(protocol_settings))
+    return evaluate([stack], methods_for(ctx, method_names), [ctx.backbone], protocol,
+                    cache=resources.embedding_cache(), log=log)
+
+
+def per_slice(result: EvaluationResult) -> list[dict]:
+    """Rows for the per-slice table: method, setting, z, seed, reference z, Dice, IoU, HD95."""
+    keys = ("method", "setting", "z", "seed", "ref_z", "dice", "iou", "hd95_px", "hd95_um", "mask_fraction", "truth_fraction")
+    return [{k: row.get(k) for k in keys} for row in result.rows]
+
+
+def summary(result: EvaluationResult) -> list[dict]:
+    """Mean and std per (method, setting); Dice and IoU to 3 decimals, HD95 to 0.1."""
+    keys = ("method", "setting", "n", "dice", "dice_std", "iou", "iou_std", "hd95_px", "hd95_px_std", "hd95_um")
+    digits = {"dice": 3, "dice_std": 3, "iou": 3, "iou_std": 3, "hd95_px": 1, "hd95_px_std": 1, "hd95_um": 1}
+    rows = []
+    for entry in result.summary():
+        row = {k: entry.get(k) for k in keys}
+        for key, places in digits.items():
+            if isinstance(row[key], float):
+                row[key] = round(row[key], places)
+        rows.append(row)
+    return rows

@@ -1,0 +1,95 @@
+"""The home page's actions: open a sample (demo, path inside the data root, upload), set channels and truth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from core.backbones import BACKBONES
+from core.errors import ProtoscopeError, StackError
+from core.io import Stack
+from ui import resources, settings, state
+from ui.state import Sample, Truth
+
+SOURCES = ("Synthetic demo", "File in the data root", "Upload a small file")
+WEIGHT_KINDS = {"hub": "Hugging Face hub (cached)", "path": "Local weights (folder or .pth)", "random": "Random (timing only)"}
+
+
+def default_channel(stack: Stack) -> int:
+    """The lab convention: penultimate channel of a multi-channel .ims (the last holds the expert mask), else 0."""
+    if stack.format == "ims" and stack.shape[1] >= 2:
+        return stack.shape[1] - 2
+    return 0
+
+
+def open_sample(path: str | Path, origin: str, name: str | None = None) -> Sample:
+    """Open a stack (checks it is readable), make it the session's sample and pick default channels."""
+    path = Path(path).resolve()
+    stack = resources.open_cached_stack(path)
+    sample = Sample(str(path), origin, name or path.name)
+    state.put("home.sample", sample)
+    channel = 0 if origin == "demo" else default_channel(stack)
+    state.set_bound("home.channel", channel)
+    truth = Truth(channel=1) if origin == "demo" and stack.shape[1] > 1 else None
+    state.put("home.truth", truth)
+    state.set_bound("home.truth_kind", "A channel of this stack" if truth is not None else "None")
+    if truth is not None:
+        state.set_bound("home.truth_channel", truth.channel)
+    return sample
+
+
+def open_demo() -> Sample:
+    from core.demo import ensure_demo
+
+    try:
+        path = ensure_demo(settings.demo_dir())
+    except OSError as error:
+        raise StackError(f"cannot write the demo stack into {settings.demo_dir()}: {error.strerror}; "
+                         "run `python -m core demo --ensure` or set PROTOSCOPE_DEMO_DIR to a writable folder") from None
+    return open_sample(path, "demo", path.name)
+
+
+def open_path(text: str) -> Sample:
+    path = settings.resolve_in_root(text)
+    if path.is_dir() or path.suffix.lower() in settings.SUPPORTED_SUFFIXES:
+        return open_sample(path, "path")
+    raise StackError(f"'{path.name}' is not a stack Protoscope can open; supported: "
+                     f"{', '.join(settings.SUPPORTED_SUFFIXES)} files or a folder of images")
+
+
+def open_upload(name: str, data: bytes) -> Sample:
+    return open_sample(resources.save_upload(name, data), "upload", name)
+
+
+def truth_from_channel(stack: Stack, image_channel: int, truth_channel: int) -> Truth:
+    """Truth as a channel; ProtoscopeError when it is the image channel itself."""
+    channel = stack.resolve_channel(truth_channel)
+    if channel == stack.resolve_channel(image_channel):
+        raise ProtoscopeError(f"the ground-truth channel {channel} is the image channel; choose another channel, "
+                              "a mask file, or no ground truth")
+    return Truth(channel=channel)
+
+
+def truth_from_file(stack: Stack, path: Path) -> Truth:
+    """Truth as a mask stack file; StackError unless it opens and has the stack's Z, Y, X."""
+    mask_stack = resources.open_cached_stack(path)
+    resources.check_truth_file(mask_stack, stack)
+    return Truth(path=str(Path(path).resolve()))
+
+
+def backbone_options() -> list[str]:
+    return list(BACKBONES)
+
+
+def backbone_title(name: str) -> str:
+    spec = BACKBONES[name]
+    if spec.family == "filterbank":
+        return f"{spec.title} — {spec.embed_dim} features, no weights"
+    return f"{spec.title} — dim {spec.embed_dim}, {spec.n_params / 1e6:.0f} M parameters"
+
+
+def describe_stack(stack: Stack) -> str:
+    z, c, y, x = stack.shape
+    voxel = stack.voxel_size
+    size = f"{voxel.x:g} x {voxel.y:g} x {voxel.z:g} µm" if voxel is not None else "unknown (areas in pixels only)"
+    return (f"{stack.format} · {z} slices x {c} channel(s) x {y} x {x} px · {stack.dtype.name} · voxel {size}"
+            + (f" · {stack.n_timepoints} time points (t=0 used)" if stack.n_timepoints > 1 else ""))

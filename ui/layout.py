@@ -1,0 +1,74 @@
+"""What every page shares: the error guard, the sidebar status (sample, backbone, device, mode) and page links."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import streamlit as st
+
+from core.devices import describe_device
+from core.errors import ProtoscopeError
+from ui import settings, state
+
+LOG = logging.getLogger("protoscope.app")
+RANDOM_WARNING = "RANDOM WEIGHTS — timing only: the heatmaps and masks mean nothing."
+
+#: st.Page objects registered by app.py ('home', 'segment', 'features', 'batch', 'evaluate').
+PAGES: dict[str, Any] = {}
+
+
+def run_page(body: Callable[[], None]) -> None:
+    """Run a page body; a problem the user can fix becomes a short st.error, never a traceback."""
+    try:
+        body()
+    except ProtoscopeError as error:
+        st.error(str(error))
+    except MemoryError:
+        st.error("Out of memory: the slice or result is too large for this machine; use a smaller z-range or "
+                 "a machine with more RAM.")
+    except Exception as error:  # noqa: BLE001 - a bug must not show a traceback to the user
+        LOG.exception("unexpected error in a page")
+        st.error(f"Unexpected error ({type(error).__name__}: {str(error)[:300]}). Your points, prototypes and "
+                 "settings are kept; try again, and report this if it persists.")
+
+
+def page_link(name: str, label: str, icon: str | None = None) -> None:
+    page = PAGES.get(name)
+    if page is not None:
+        st.page_link(page, label=label, icon=icon)
+
+
+def sidebar_status() -> None:
+    """Sample, backbone (label, weights, device) and mode in the sidebar; a loud warning for random weights."""
+    from ui import resources
+
+    with st.sidebar:
+        sample = state.get("home.sample")
+        if sample is None:
+            st.caption("No sample open")
+        else:
+            st.markdown(f"**Sample** `{sample.name}`")
+            if sample.is_demo:
+                st.caption("Synthetic demo stack (generated, not a real sample)")
+            truth = state.get("home.truth")
+            st.caption(f"image channel {state.get('home.channel')}"
+                       + (f" · ground truth: {truth.describe()}" if truth is not None else ""))
+        try:
+            backbone = resources.active_backbone()
+        except ProtoscopeError as error:
+            st.error(f"Backbone not loaded: {error}")
+        else:
+            st.markdown(f"**Backbone** {backbone.label()}")
+            st.caption(f"Device: {describe_device(backbone.device)}")
+            if backbone.is_random:
+                st.warning(RANDOM_WARNING, icon=":material/warning:")
+        mode = state.get("home.mode")
+        try:
+            config = resources.pipeline_config()
+        except ProtoscopeError as error:
+            st.error(f"Pipeline options: {error}")
+        else:
+            st.markdown(f"**Mode** {mode}")
+            st.caption(config.describe())
+        st.caption(f"Data root: `{settings.data_root()}`")

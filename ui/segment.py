@@ -1,0 +1,258 @@
+"""The Segment page's work: points -> prototype -> score map -> mask -> overlay PNG, memoised per step.
+
+A click changes the points, so the prototype and the slice's score map are rebuilt (embeddings come from the
+on-disk cache); a threshold move reuses both and recomputes only the mask; an opacity change only redraws.
+Each step's server time is recorded (``View.timings``, ms) and the last 50 views in
+``st.session_state['segment.timings']``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tempfile
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import streamlit as st
+
+from core.config import PipelineConfig, Upsampling
+from core.errors import ProtoscopeError
+from core.io import VoxelSize
+from core.mask_writers import write_masks
+from core.pipeline import Scorer, SliceSegmentation, build_prototype
+from core.prototypes import PointSet, Prototype, prototype_to_bytes
+from core.thresholds import ThresholdSpec, otsu_value
+from ui import render, state
+from ui.resources import Context
+from ui.state import SavedPrototype
+
+THRESHOLD_KINDS = {"top": "top %", "score": "absolute score", "otsu": "Otsu (per slice)", "calibrated": "calibrated on the points"}
+#: Entries kept per memo; masks hold full-size (Y, X) scores and masks (~45 MB for a 3000 x 3000 slice).
+_MEMO_SIZES = {"prototype": 8, "scores": 6, "masks": 3, "grey": 8, "png": 16}
+
+
+@dataclass
+class View:
+    """What the Segment page shows for one slice."""
+
+    z: int
+    image_png: bytes  # the overlay as JPEG bytes (see render.to_jpeg)
+    display: tuple[int, int]  # (width, height)
+    prototype: Prototype | None = None
+    segmentation: SliceSegmentation | None = None
+    message: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # ms per step
+
+    @property
+    def area_px(self) -> int | None:
+        return int(self.segmentation.mask.sum()) if self.segmentation is not None else None
+
+
+def _memo(name: str) -> OrderedDict:
+    key = f"segment._memo.{name}"
+    if key not in st.session_state:
+        st.session_state[key] = OrderedDict()
+    return st.session_state[key]
+
+
+def _remember(name: str, key: Any, value: Any) -> Any:
+    memo = _memo(name)
+    memo[key] = value
+    memo.move_to_end(key)
+    while len(memo) > _MEMO_SIZES.get(name, 8):
+        memo.popitem(last=False)
+    return value
+
+
+def _recall(name: str, key: Any) -> Any:
+    memo = _memo(name)
+    if key in memo:
+        memo.move_to_end(key)
+        return memo[key]
+    return None
+
+
+def scoring_config_key(config: PipelineConfig) -> str:
+    """Everything of the config that changes the prototype or the score map (not the threshold)."""
+    data = config.as_dict()
+    data.pop("threshold", None)
+    return json.dumps(data, sort_keys=True)
+
+
+def prototype_key(ctx: Context, points: PointSet) -> str:
+    text = "|".join([ctx.sid, ctx.embedder.cache_key.digest(), scoring_config_key(ctx.config),
+                     json.dumps(points.as_dict())])
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def ensure_embedded(ctx: Context, z: int) -> bool:
+    """Embed slice z unless it is cached; returns True when it had to be computed."""
+    if ctx.embedder.is_cached(z):
+        return False
+    ctx.embedder.embed(z)
+    return True
+
+
+def prototype_and_scorer(ctx: Context, points: PointSet) -> tuple[Prototype, Scorer] | str:
+    """The prototype of the points and its scorer (memoised), or a message saying what to click next."""
+    if len(points.positive) == 0:
+        return "Click positive points on the structure (the switch above the image selects positive or negative)."
+    if ctx.config.uses_pixels and len(points.negative) == 0:
+        return "Best mode's pixel classifier needs negative points too: click some background."
+    key = prototype_key(ctx, points)
+    found = _recall("prototype", key)
+    if found is None:
+        prototype = build_prototype(ctx.embedder, points, ctx.config)
+        found = _remember("prototype", key, (prototype, Scorer(prototype)))
+    return found
+
+
+def score_map(ctx: Context, key: str, scorer: Scorer, z: int) -> np.ndarray:
+    found = _recall("scores", (key, z))
+    if found is None:
+        found = _remember("scores", (key, z), scorer.score_map(ctx.embedder, z))
+    return found
+
+
+def threshold_spec(kind: str, top_percent: float, score: float) -> ThresholdSpec:
+    if kind == "top":
+        return ThresholdSpec("top", float(top_percent))
+    if kind == "score":
+        return ThresholdSpec("score", float(score))
+    return ThresholdSpec(kind)
+
+
+def default_threshold(config: PipelineConfig) -> tuple[str, float, float]:
+    """(kind, top %, score) the threshold controls start from for this configuration."""
+    spec = config.threshold
+    return (spec.kind, float(spec.value) if spec.kind == "top" else 10.0,
+            float(spec.value) if spec.kind == "score" else 0.0)
+
+
+def current_spec(ctx: Context) -> ThresholdSpec:
+    """The threshold the Segment page's controls hold (the mode's default before they were touched)."""
+    kind, top, score = default_threshold(ctx.config)
+    if state.get("segment.threshold_source") == str(ctx.config.threshold):
+        kind = state.get("segment.th_kind", kind)
+        top = state.get("segment.th_top", top)
+        score = state.get("segment.th_score", score)
+    return threshold_spec(kind, top, score)
+
+
+def segmentation(ctx: Context, key: str, scorer: Scorer, z: int, scores: np.ndarray, spec: ThresholdSpec) -> SliceSegmentation:
+    found = _recall("masks", (key, z, str(spec)))
+    if found is None:
+        found = _remember("masks", (key, z, str(spec)), scorer.segment(ctx.embedder, z, scores, threshold=spec))
+    return found
+
+
+def display_image(ctx: Context, z: int, display: tuple[int, int]) -> np.ndarray:
+    """(height, width) float32 display-size slice in [0, 1] (memoised)."""
+    key = (ctx.sid, ctx.embedder.cache_key.digest(), z, display)
+    found = _recall("grey", key)
+    if found is None:
+        found = _remember("grey", key, np.clip(render.resize_float(ctx.embedder.normalized(z), display), 0, 1))
+    return found
+
+
+def compute_view(
+    ctx: Context,
+    z: int,
+    spec: ThresholdSpec,
+    *,
+    opacity: float = 0.5,
+    show_heatmap: bool = True,
+    show_mask: bool = True,
+    display: tuple[int, int] | None = None,
+) -> View:
+    """Prototype (all slices' points), this slice's score map and mask, and the overlay PNG; timed per step."""
+    display = display or render.display_size(ctx.slice_shape)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    grey = display_image(ctx, z, display)
+    points = state.point_set(ctx.sid)
+    built = prototype_and_scorer(ctx, points)
+    timings["prototype"] = (time.perf_counter() - start) * 1e3
+    if isinstance(built, str):
+        png = _overlay(("none", ctx.sid, ctx.embedder.cache_key.digest(), z), grey, display, None, None, True, opacity, show_heatmap, show_mask, timings)
+        return View(z, png, display, message=built, timings=_total(timings, start))
+    prototype, scorer = built
+    key = prototype_key(ctx, points)
+    mark = time.perf_counter()
+    scores = score_map(ctx, key, scorer, z)
+    timings["scores"] = (time.perf_counter() - mark) * 1e3
+    mark = time.perf_counter()
+    message = None
+    try:
+        seg = segmentation(ctx, key, scorer, z, scores, spec)
+    except ProtoscopeError as error:  # e.g. 'calibrated' without negative points
+        seg, message = None, str(error)
+    timings["mask"] = (time.perf_counter() - mark) * 1e3
+    nearest = not scorer.pixel_level and ctx.config.upsampling is Upsampling.NEAREST
+    png = _overlay((key, z, str(spec)), grey, display, scores, seg.mask if seg is not None else None, nearest, opacity,
+                   show_heatmap, show_mask, timings)
+    return View(z, png, display, prototype, seg, message, _total(timings, start))
+
+
+def _overlay(what, grey, display, scores, mask, nearest, opacity, show_heatmap, show_mask, timings) -> bytes:
+    """The overlay PNG, memoised per (prototype, slice, threshold, opacity, switches, display size)."""
+    mark = time.perf_counter()
+    key = (*what, round(float(opacity), 3), bool(show_heatmap), bool(show_mask), display)
+    png = _recall("png", key)
+    if png is None:
+        rgb = render.compose(grey, display, scores=scores if show_heatmap else None, nearest=nearest, opacity=opacity,
+                             mask=mask if show_mask else None)
+        png = _remember("png", key, render.to_jpeg(rgb))
+    timings["image"] = (time.perf_counter() - mark) * 1e3
+    return png
+
+
+def _total(timings: dict[str, float], start: float) -> dict[str, float]:
+    timings["total"] = (time.perf_counter() - start) * 1e3
+    history = st.session_state.setdefault("segment.timings", [])
+    history.append(dict(timings))
+    del history[:-50]
+    return timings
+
+
+def otsu_score(view: View) -> float | None:
+    """Otsu's threshold of the slice's thresholded scores (for the Otsu button), or None without scores."""
+    if view.segmentation is None:
+        return None
+    return float(otsu_value(view.segmentation.scores))
+
+
+def area_um2(area_px: int, voxel: VoxelSize | None) -> float | None:
+    return None if voxel is None else float(area_px * voxel.x * voxel.y)
+
+
+def unique_name(name: str, taken: list[str]) -> str:
+    base = name.strip() or "prototype"
+    candidate, index = base, 2
+    while candidate in taken:
+        candidate, index = f"{base}-{index}", index + 1
+    return candidate
+
+
+def save_prototype(ctx: Context, view: View, spec: ThresholdSpec, name: str) -> SavedPrototype:
+    """Keep the view's prototype, with the threshold now in use, in the session (and as .npz bytes)."""
+    if view.prototype is None:
+        raise ProtoscopeError("there is no prototype yet: click at least one positive point first")
+    prototype = dataclasses.replace(view.prototype, config=view.prototype.config.with_options(threshold=spec))
+    saved_list = state.get("segment.prototypes")
+    saved = SavedPrototype(unique_name(name, [p.name for p in saved_list]), prototype, prototype_to_bytes(prototype), ctx.sid)
+    saved_list.append(saved)
+    return saved
+
+
+def mask_tiff_bytes(mask: np.ndarray, voxel: VoxelSize | None) -> bytes:
+    """One slice's mask as an ImageJ TIFF (uint8 0/255, voxel size), through core's writer."""
+    with tempfile.TemporaryDirectory(prefix="protoscope-mask-") as folder:
+        path = write_masks(mask[None], Path(folder) / "mask.tif", voxel_size=voxel)
+        return path.read_bytes()

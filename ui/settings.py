@@ -1,0 +1,127 @@
+"""Where the app may read and write: data root, demo, uploads, outputs (environment variables, no Streamlit).
+
+PROTOSCOPE_DATA_ROOT   folder whose stacks can be opened by path (default: the project's ``assets/``);
+                       nothing outside it is opened by path.
+PROTOSCOPE_DEMO_DIR    folder of the synthetic demo stack (default: ``assets/demo``, see core.demo).
+PROTOSCOPE_UPLOAD_DIR  where uploaded files are stored to be opened (default: <temp>/protoscope-uploads).
+PROTOSCOPE_OUTPUT_DIR  where batch results are written (default: ``protoscope-output/`` next to the stack,
+                       or inside the data root when the stack's folder is not writable).
+PROTOSCOPE_CACHE       embedding cache folder (read by core.embedding_cache).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from core.errors import ProtoscopeError
+from core.io import SUPPORTED_SUFFIXES
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+OUTPUT_FOLDER = "protoscope-output"
+#: Results up to this size get a browser download button; larger ones are only written server-side.
+DOWNLOAD_LIMIT_BYTES = 200 * 1024 * 1024
+
+
+def data_root() -> Path:
+    """The resolved folder stacks may be opened from by path."""
+    text = os.environ.get("PROTOSCOPE_DATA_ROOT", "").strip()
+    return Path(text).expanduser().resolve() if text else (PROJECT_ROOT / "assets").resolve()
+
+
+def demo_dir() -> Path:
+    text = os.environ.get("PROTOSCOPE_DEMO_DIR", "").strip()
+    if text:
+        return Path(text).expanduser().resolve()
+    from core.demo import DEMO_DIR
+
+    return DEMO_DIR
+
+
+def upload_dir() -> Path:
+    text = os.environ.get("PROTOSCOPE_UPLOAD_DIR", "").strip()
+    folder = Path(text).expanduser() if text else Path(tempfile.gettempdir()) / "protoscope-uploads"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def resolve_in_root(text: str | Path, root: Path | None = None) -> Path:
+    """An existing path typed or picked by the user, resolved and checked to lie inside the data root.
+
+    text : absolute, or relative to the root. Symlinks are followed first, so a link that leads outside
+        the root is refused too. Raises ProtoscopeError saying what to do.
+    """
+    root = (root or data_root()).resolve()
+    raw = str(text).strip()
+    if not raw:
+        raise ProtoscopeError("no path given; pick a file inside the data root")
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        path = root / path
+    path = path.resolve()
+    if path != root and not path.is_relative_to(root):
+        raise ProtoscopeError(
+            f"'{raw}' is outside the data root {root}; pick a file inside it, or restart the app with "
+            "PROTOSCOPE_DATA_ROOT set to the folder that holds your stacks"
+        )
+    if not path.exists():
+        raise ProtoscopeError(f"'{raw}' does not exist inside the data root {root}; check the name")
+    return path
+
+
+def is_stack_candidate(path: Path) -> bool:
+    """A file the stack reader may open (by suffix), or a folder (a folder of images is a stack)."""
+    return path.is_dir() or path.suffix.lower() in SUPPORTED_SUFFIXES
+
+
+def list_folder(folder: Path, root: Path | None = None, limit: int = 500) -> tuple[list[Path], list[Path]]:
+    """(sub-folders, stack files) directly inside ``folder`` (which must lie in the root), sorted by name.
+
+    Hidden entries and our own output folders are skipped; at most ``limit`` of each are returned.
+    """
+    folder = resolve_in_root(folder, root)
+    folders: list[Path] = []
+    files: list[Path] = []
+    try:
+        entries = sorted(folder.iterdir(), key=lambda p: p.name.lower())
+    except OSError as error:
+        raise ProtoscopeError(f"cannot list {folder}: {error.strerror}") from None
+    for entry in entries:
+        if entry.name.startswith(".") or entry.name == OUTPUT_FOLDER:
+            continue
+        if entry.is_dir() and len(folders) < limit:
+            folders.append(entry)
+        elif entry.is_file() and entry.suffix.lower() in SUPPORTED_SUFFIXES and len(files) < limit:
+            files.append(entry)
+    return folders, files
+
+
+def stack_stem(path: Path) -> str:
+    """File name without its (double) extension: 'a.ome.tif' -> 'a'."""
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def output_dir(stack_path: Path, root: Path | None = None) -> Path:
+    """Folder for batch results of a stack: $PROTOSCOPE_OUTPUT_DIR, else ``protoscope-output/`` next to the
+    stack, else (folder not writable) ``protoscope-output/`` in the data root. Created if missing."""
+    text = os.environ.get("PROTOSCOPE_OUTPUT_DIR", "").strip()
+    candidates = [Path(text).expanduser()] if text else [
+        Path(stack_path).resolve().parent / OUTPUT_FOLDER,
+        (root or data_root()) / OUTPUT_FOLDER,
+    ]
+    for folder in candidates:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK):
+            return folder
+    raise ProtoscopeError(
+        f"no writable output folder: tried {', '.join(str(c) for c in candidates)}; "
+        "set PROTOSCOPE_OUTPUT_DIR to a writable folder"
+    )
