@@ -85,7 +85,8 @@ def read_str_attr(obj: h5py.HLObject, name: str) -> str | None:
 
 def put_str_attr(obj: h5py.HLObject, name: str, value: str) -> None:
     """Write `value` exactly as ImarisWriter does: rank-1 array of 1-char NULLTERM strings (FORMAT §3)."""
-    data = np.frombuffer(value.encode("latin-1"), dtype="S1") if value else np.array([b""], "S1")
+    # Imaris strings are single-byte; characters outside latin-1 (e.g. 'λ', 'µ' is fine) become '?'.
+    data = np.frombuffer(value.encode("latin-1", errors="replace"), dtype="S1") if value else np.array([b""], "S1")
     tid = h5py.h5t.C_S1.copy()
     tid.set_size(1)
     tid.set_strpad(h5py.h5t.STR_NULLTERM)

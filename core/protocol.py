@@ -74,6 +74,7 @@ class ProtocolSettings:
     skip_ends: int = 40
     margin_px: int | None = None  # None: half a patch in original pixels
     settings: tuple[str, ...] = SETTINGS
+    z_values: tuple[int, ...] | None = None  # explicit slices (every stack) instead of n_slices/skip_ends
 
 
 @dataclass
@@ -230,7 +231,13 @@ def evaluate(
             image = open_stack(spec.image_path)
             truth = TruthReader(spec, image)
             opened.append((spec, image, truth))
-            z_values, note = select_slices(image.shape[0], settings.n_slices, settings.skip_ends)
+            if settings.z_values is not None:
+                bad = [z for z in settings.z_values if not 0 <= z < image.shape[0]]
+                if bad:
+                    raise StackError(f"{spec.image_path}: slice {bad[0]} requested, but the stack has slices 0-{image.shape[0] - 1}")
+                z_values, note = sorted(set(settings.z_values)), None
+            else:
+                z_values, note = select_slices(image.shape[0], settings.n_slices, settings.skip_ends)
             if note:
                 result.notes.append(f"{spec.label}: {note}")
             keep = [z for z in z_values if 0 < truth(z).sum() < truth(z).size]
