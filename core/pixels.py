@@ -19,7 +19,10 @@ score      2·p(structure) - 1, in [-1, 1], at the working resolution, upsampled
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,6 +121,15 @@ def example_pixels(xy: np.ndarray, slice_shape: tuple[int, int], work_shape: tup
     return np.stack([np.clip(out_rows, 0, work_shape[0] - 1), np.clip(out_cols, 0, work_shape[1] - 1)], axis=1)
 
 
+@contextlib.contextmanager
+def _quiet_joblib() -> Iterator[None]:
+    """Silence scikit-learn's 'delayed should be used with Parallel' warning, raised when its thread pool is
+    entered from a thread it did not configure (e.g. Streamlit's script thread); harmless here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*sklearn.utils.parallel.delayed.*")
+        yield
+
+
 class PixelClassifier:
     """A classifier fitted on standardised example features; ``score`` gives 2·p - 1 per pixel."""
 
@@ -136,13 +148,15 @@ class PixelClassifier:
             )
         else:
             self.model = LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000)
-        self.model.fit(features, labels)
+        with _quiet_joblib():
+            self.model.fit(features, labels)
         self.kind = kind
 
     def score(self, features: np.ndarray, chunk_rows: int = 262_144) -> np.ndarray:
         """(h, w, F) standardised features -> (h, w) float32 in [-1, 1]."""
         flat = features.reshape(-1, features.shape[-1])
         out = np.empty(flat.shape[0], np.float32)
-        for start in range(0, flat.shape[0], chunk_rows):
-            out[start : start + chunk_rows] = self.model.predict_proba(flat[start : start + chunk_rows])[:, 1]
+        with _quiet_joblib():
+            for start in range(0, flat.shape[0], chunk_rows):
+                out[start : start + chunk_rows] = self.model.predict_proba(flat[start : start + chunk_rows])[:, 1]
         return (2.0 * out - 1.0).reshape(features.shape[:2])
