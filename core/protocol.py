@@ -194,6 +194,40 @@ def otsu_mask(raw: np.ndarray) -> np.ndarray:
 
 # ---- the runner ---------------------------------------------------------------------------------------
 
+def protocol_points(truth: np.ndarray, z: int, seed: int, n_points: int, margin_px: int) -> PointSet:
+    """The points the protocol samples on slice z for a seed: n_points positive and negative (x, y, z) rows
+    from the (Y, X) bool ground truth, with a boundary margin (core.sampling). Same inputs, same points."""
+    sampled = sample_points(truth, n_points, n_points, margin_px=margin_px, seed=seed * 100_003 + z)
+    return PointSet(
+        np.column_stack([sampled.positive_xy, np.full(len(sampled.positive_xy), z)]),
+        np.column_stack([sampled.negative_xy, np.full(len(sampled.negative_xy), z)]),
+    )
+
+
+def evaluated_slices(spec: EvalStack, image: Stack, truth: "TruthReader", settings: ProtocolSettings) -> tuple[list[int], list[str]]:
+    """The slices the protocol evaluates on one stack, and notes about what it had to change or skip.
+
+    Explicit ``settings.z_values``, else evenly spaced slices (``select_slices``); slices whose ground
+    truth lacks structure or background are skipped.
+    """
+    notes: list[str] = []
+    if settings.z_values is not None:
+        bad = [z for z in settings.z_values if not 0 <= z < image.shape[0]]
+        if bad:
+            raise StackError(f"{spec.image_path}: slice {bad[0]} requested, but the stack has slices 0-{image.shape[0] - 1}")
+        z_values = sorted(set(settings.z_values))
+    else:
+        z_values, note = select_slices(image.shape[0], settings.n_slices, settings.skip_ends)
+        if note:
+            notes.append(f"{spec.label}: {note}")
+    keep = [z for z in z_values if 0 < truth(z).sum() < truth(z).size]
+    if len(keep) < len(z_values):
+        notes.append(f"{spec.label}: {len(z_values) - len(keep)} slices without both structure and background skipped")
+    if not keep:
+        raise ProtoscopeError(f"{spec.image_path}: no evaluated slice has both structure and background in its ground truth")
+    return keep, notes
+
+
 @dataclass
 class _Reference:
     """A reference made on one slice: a prototype (pipeline methods) or an intensity threshold (baseline)."""
@@ -231,20 +265,8 @@ def evaluate(
             image = open_stack(spec.image_path)
             truth = TruthReader(spec, image)
             opened.append((spec, image, truth))
-            if settings.z_values is not None:
-                bad = [z for z in settings.z_values if not 0 <= z < image.shape[0]]
-                if bad:
-                    raise StackError(f"{spec.image_path}: slice {bad[0]} requested, but the stack has slices 0-{image.shape[0] - 1}")
-                z_values, note = sorted(set(settings.z_values)), None
-            else:
-                z_values, note = select_slices(image.shape[0], settings.n_slices, settings.skip_ends)
-            if note:
-                result.notes.append(f"{spec.label}: {note}")
-            keep = [z for z in z_values if 0 < truth(z).sum() < truth(z).size]
-            if len(keep) < len(z_values):
-                result.notes.append(f"{spec.label}: {len(z_values) - len(keep)} slices without both structure and background skipped")
-            if not keep:
-                raise ProtoscopeError(f"{spec.image_path}: no evaluated slice has both structure and background in its ground truth")
+            keep, notes = evaluated_slices(spec, image, truth, settings)
+            result.notes.extend(notes)
             result.stacks.append(spec.label)
             result.slices[spec.label] = keep
         labels = [spec.label for spec, _, _ in opened]
@@ -320,11 +342,7 @@ class _MethodRun:
     def make_reference(self, label: str, image: Stack, channel: int, truth_mask: np.ndarray, z: int, seed: int,
                        margin: int) -> _Reference:
         settings = self.settings
-        sampled = sample_points(truth_mask, settings.n_points, settings.n_points, margin_px=margin, seed=seed * 100_003 + z)
-        points = PointSet(
-            np.column_stack([sampled.positive_xy, np.full(len(sampled.positive_xy), z)]),
-            np.column_stack([sampled.negative_xy, np.full(len(sampled.negative_xy), z)]),
-        )
+        points = protocol_points(truth_mask, z, seed, settings.n_points, margin)
         if self.method.config is None:
             raw = image.read_slice(z, channel)
             threshold = intensity_baseline_threshold(raw, points, z)
