@@ -171,15 +171,12 @@ def backbone_section() -> None:
 
 def mode_section() -> None:
     st.subheader("4 · Mode")
-    mode = st.radio("Pipeline", ["thesis", "best"], horizontal=True, key=state.bind("home.mode", "thesis"),
-                    on_change=state.store, args=("home.mode",),
-                    format_func={"thesis": "thesis (reproduces the thesis: patch cosine, top 10 %)",
-                                 "best": "best (pixel classifier on filter features, calibrated threshold)"}.get)
+    mode = st.radio("Pipeline", list(home.MODES), horizontal=True, key=state.bind("home.mode", "best"),
+                    on_change=home.on_mode_change, format_func=home.MODES.get,
+                    help="The mode can also be switched in the sidebar of every page.")
     base = PipelineConfig.for_mode(mode)
     if state.get("home.options_mode") != mode:  # a mode switch starts from that mode's own settings
-        state.put("home.options_mode", mode)
-        state.set_bound("home.opt_lambda", base.negative_weight)
-        state.set_bound("home.opt_scoring", base.scoring.value)
+        home.reset_mode_options(mode)
     with st.expander("Advanced options"):
         options = {}
         options["negative_weight"] = st.slider("Negative weight λ (S = Sp − λ·Sn)", 0.0, 2.0, step=0.05,
@@ -225,6 +222,7 @@ layout.PAGES.update(
     features=st.Page("pages/2_Feature_space.py", title="Feature space", icon=":material/scatter_plot:"),
     batch=st.Page("pages/3_Batch.py", title="Batch", icon=":material/dynamic_feed:"),
     evaluate=st.Page("pages/4_Evaluate.py", title="Evaluate", icon=":material/rule:"),
+    refine=st.Page("pages/5_Refine.py", title="Refine (U-Net)", icon=":material/auto_fix_high:"),
 )
 navigation = st.navigation(list(layout.PAGES.values()))
 layout.sidebar_status()

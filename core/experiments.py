@@ -49,7 +49,6 @@ from core.errors import ProtoscopeError
 from core.io import open_stack
 from core.metrics import dice, iou, knn_accuracy, patch_labels, silhouette, summarize
 from core.pipeline import build_prototype, build_scorer
-from core.prototypes import PointSet
 from core.protocol import (
     EvalStack,
     EvaluationResult,

@@ -21,7 +21,28 @@ def request_otsu() -> None:
     st.session_state["segment.otsu_request"] = True
 
 
+def choose_threshold(kind: str, key: str) -> None:
+    """on_change of a threshold slider: keep its value and make its kind the active one (the control the
+    user touches is in charge, e.g. moving the absolute score leaves best mode's calibrated threshold)."""
+    state.store(key)
+    state.set_bound("segment.th_kind", kind)
+
+
+def show_threshold_in_effect(view: segment.View, shape: tuple[int, int]) -> None:
+    """Let the sliders that are not in charge show the cut in effect: the absolute score of the threshold and the
+    share of the slice in the mask, so that touching one starts from the current mask."""
+    if view.segmentation is None:
+        return
+    kind = state.get("segment.th_kind")
+    if kind != "score":
+        state.set_bound("segment.th_score", round(min(max(float(view.segmentation.threshold), -1.0), 1.0), 2))
+    if kind != "top":
+        share = 100.0 * view.area_px / (shape[0] * shape[1])
+        state.set_bound("segment.th_top", min(max(round(share * 2) / 2, 0.5), 100.0))
+
+
 def page() -> None:
+    layout.mode_switch()
     ctx = resources.require_context()
     st.header("Segment")
     n_slices = ctx.n_slices
@@ -35,6 +56,8 @@ def page() -> None:
     if not ctx.embedder.is_cached(z):
         with st.spinner(f"Embedding slice {z} with {ctx.backbone.spec.title} (once: it is cached on disk)…"):
             segment.ensure_embedded(ctx, z)
+    if ctx.config.uses_pixels and hasattr(ctx.embedder, "warm_up_pixels"):
+        ctx.embedder.warm_up_pixels(ctx.config.pixel_max_side)  # the first click needs the stack's statistics
 
     # the canvas's clicks first, so the heatmap drawn behind it includes them. The key holds the label: a
     # radio change gives a fresh canvas drawing in the new colour (an existing one would lag a click behind).
@@ -61,12 +84,11 @@ def page() -> None:
     spec = segment.current_spec(ctx)
     options = dict(opacity=state.get("segment.opacity", 0.5), show_heatmap=state.get("segment.show_heatmap", True),
                    show_mask=state.get("segment.show_mask", True), display=display)
-    busy = ctx.config.uses_pixels and "best mode: training the pixel classifier…"
-    with st.spinner(busy or "Scoring…", show_time=bool(busy)):
-        view = segment.compute_view(ctx, z, spec, **options)
+    with st.spinner("Scoring…"):
+        view = segment.compute_view(ctx, z, spec, preview=True, **options)
         if st.session_state.pop("segment.otsu_request", False) and view.segmentation is not None:
             state.set_bound("segment.th_kind", "score")
-            state.set_bound("segment.th_score", round(segment.otsu_score(view), 3))
+            state.set_bound("segment.th_score", round(segment.otsu_score(view), 2))
             spec = segment.threshold_spec("score", 0, state.get("segment.th_score"))
             view = segment.compute_view(ctx, z, spec, **options)
     st.session_state["segment.view"] = view
@@ -78,10 +100,9 @@ def page() -> None:
                  format_func={"positive": ":green[**positive**] point (structure)",
                               "negative": ":red[**negative**] point (background)"}.get)
         canvas.draw(canvas_key, view.image_png, snapshots[canvas_key], display, label)
-        t = view.timings
-        st.caption(f"Server time {t.get('total', 0):.0f} ms (prototype {t.get('prototype', 0):.0f}, scores "
-                   f"{t.get('scores', 0):.0f}, mask {t.get('mask', 0):.0f}, image {t.get('image', 0):.0f}) · "
-                   "heatmap: inferno, bright = similar to the positives · mask outline in cyan")
+        pending_slot = st.empty()
+        st.caption(f"{segment.timing_caption(view, ctx.config)} · heatmap: inferno, bright = similar to the "
+                   "positives · mask outline in cyan")
         b1, b2, b3 = st.columns(3)
         b1.button("Undo last point", key="segment.undo", on_click=state.undo_point, args=(ctx.sid, z),
                   width="stretch")
@@ -92,10 +113,22 @@ def page() -> None:
     with right:
         if view.message:
             st.info(view.message)
+        show_threshold_in_effect(view, ctx.slice_shape)
         threshold_controls(view)
         mask_summary(ctx, view, z)
         points_summary(ctx)
         prototype_controls(ctx, view, spec)
+    if view.pending:
+        finish_pixel_result(ctx, z, spec, options, pending_slot)
+
+
+def finish_pixel_result(ctx: resources.Context, z: int, spec, options: dict, slot) -> None:
+    """Best mode after the preview was drawn: fit the pixel classifier and score the slice (memoised), then rerun
+    to show the pixel-accurate heatmap and mask. A click meanwhile interrupts this run and starts over."""
+    with slot.container(), st.spinner("Best mode: training the pixel classifier on your points…", show_time=True):
+        full = segment.compute_view(ctx, z, spec, **options)
+    state.put("segment.pixel_timings", dict(full.timings))
+    st.rerun()
 
 
 def threshold_controls(view: segment.View) -> None:
@@ -104,10 +137,11 @@ def threshold_controls(view: segment.View) -> None:
     st.radio("Kind", kinds, format_func=segment.THRESHOLD_KINDS.get, horizontal=True, label_visibility="collapsed",
              key=state.bind("segment.th_kind", "top"), on_change=state.store, args=("segment.th_kind",))
     st.slider("Top % of the slice", 0.5, 100.0, step=0.5, key=state.bind("segment.th_top", 10.0),
-              on_change=state.store, args=("segment.th_top",))
+              on_change=choose_threshold, args=("top", "segment.th_top"))
     left, right = st.columns([3, 1], vertical_alignment="bottom")
-    left.slider("Absolute score", -1.0, 1.0, step=0.005, key=state.bind("segment.th_score", 0.0),
-                on_change=state.store, args=("segment.th_score",))
+    left.slider("Absolute score", -1.0, 1.0, step=0.01, key=state.bind("segment.th_score", 0.0),
+                on_change=choose_threshold, args=("score", "segment.th_score"),
+                help="Best mode's scores are 2·p − 1 of the pixel classifier (0 = probability 0.5)")
     right.button("Otsu", key="segment.otsu", on_click=request_otsu, disabled=view.segmentation is None,
                  help="Set the absolute score to Otsu's threshold of this slice's scores")
     st.slider("Heatmap opacity", 0.0, 1.0, step=0.05, key=state.bind("segment.opacity", 0.5),

@@ -10,6 +10,7 @@ from ui import features, layout, render, resources, segment, state
 
 
 def page() -> None:
+    layout.mode_switch()
     ctx = resources.require_context()
     st.header("Feature space")
     features.start_umap_warm_up()
@@ -27,7 +28,9 @@ def page() -> None:
     key = features.data_key(ctx, z)
 
     # the current mask and prototype, exactly as the Segment page shows them (memoised there)
-    view = segment.compute_view(ctx, z, segment.current_spec(ctx))
+    busy = "Best mode: training the pixel classifier on your points…" if ctx.config.uses_pixels else "Scoring…"
+    with st.spinner(busy, show_time=ctx.config.uses_pixels):
+        view = segment.compute_view(ctx, z, segment.current_spec(ctx))
     truth = ctx.truth_slice(z)
 
     options = [k for k in features.COLOR_BY if (k != "truth" or truth is not None) and (k != "mask" or view.segmentation is not None)]

@@ -25,7 +25,8 @@ def choose_prototype(ctx: resources.Context):
                       key=state.bind("batch.source", "saved" if saved else "current"), on_change=state.store,
                       args=("batch.source",))
     if source == "current":
-        built = segment.prototype_and_scorer(ctx, state.point_set(ctx.sid))
+        with st.spinner("Building the prototype of the current points…", show_time=ctx.config.uses_pixels):
+            built = segment.prototype_and_scorer(ctx, state.point_set(ctx.sid))
         if isinstance(built, str):
             st.info(f"No prototype from the current points yet. {built} (Segment page)")
             return None, ""
@@ -157,6 +158,7 @@ def show_result() -> None:
 
 
 def page() -> None:
+    layout.mode_switch()
     ctx = resources.require_context()
     st.header("Batch")
     layout.run_page(lambda: run_controls(ctx))

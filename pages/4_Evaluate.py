@@ -7,13 +7,28 @@ import streamlit as st
 from ui import evaluate, layout, resources, state
 
 
-def controls(ctx: resources.Context) -> None:
+def slice_controls(ctx: resources.Context) -> dict:
+    """Which slices: evenly spaced (the thesis protocol) or exactly the ones typed. Returns evaluate.run's arguments."""
     n = ctx.n_slices
-    c1, c2, c3, c4 = st.columns(4)
-    n_slices = c1.number_input("Slices", 1, n, key=state.bind("evaluate.n_slices", min(5, n)), on_change=state.store,
-                               args=("evaluate.n_slices",), help="evenly spaced between the skipped ends")
+    how = st.radio("Slices", list(evaluate.SLICE_CHOICES), format_func=evaluate.SLICE_CHOICES.get, horizontal=True,
+                   key=state.bind("evaluate.slice_choice", "spaced"), on_change=state.store, args=("evaluate.slice_choice",))
+    if how == "chosen":
+        text = st.text_input("Slices to evaluate (e.g. 12, 3,7,9, 0:24:4, all)",
+                             key=state.bind("evaluate.z", str(n // 2)), on_change=state.store, args=("evaluate.z",))
+        z_values = evaluate.parse_slices(text, n)  # ZSpecError says what is valid
+        st.caption(f"{len(z_values)} slice(s): {evaluate.short_list(z_values)}")
+        return {"z_values": z_values, "n_slices": len(z_values), "skip_ends": 0}
+    c1, c2 = st.columns(2)
+    n_slices = c1.number_input("Number of slices", 1, n, key=state.bind("evaluate.n_slices", min(5, n)),
+                               on_change=state.store, args=("evaluate.n_slices",), help="evenly spaced between the skipped ends")
     skip = c2.number_input("Skip at each end", 0, max(0, (n - 1) // 2), key=state.bind("evaluate.skip", min(2, (n - 1) // 2)),
                            on_change=state.store, args=("evaluate.skip",), help="the thesis skips 40 of ~200")
+    return {"z_values": None, "n_slices": n_slices, "skip_ends": skip}
+
+
+def controls(ctx: resources.Context) -> None:
+    chosen = slice_controls(ctx)
+    c3, c4 = st.columns(2)
     points = c3.number_input("Points per class", 1, 200, key=state.bind("evaluate.points", 25), on_change=state.store,
                              args=("evaluate.points",), help="sampled from the ground truth, away from its boundary")
     seeds = c4.number_input("Seeds", 1, 10, key=state.bind("evaluate.seeds", 1), on_change=state.store,
@@ -29,8 +44,8 @@ def controls(ctx: resources.Context) -> None:
                                    "applied to the others")
     if st.button("Run evaluation", type="primary", key="evaluate.run"):
         with st.status("Evaluating…", expanded=False) as status:
-            result = evaluate.run(ctx, method_names=methods, n_slices=n_slices, skip_ends=skip, n_points=points,
-                                  n_seeds=seeds, protocol_settings=settings, log=status.write)
+            result = evaluate.run(ctx, method_names=methods, n_points=points, n_seeds=seeds,
+                                  protocol_settings=settings, log=status.write, **chosen)
             status.update(label=f"Evaluation finished in {result.seconds:.1f} s", state="complete")
         state.put("evaluate.result", result)
 
@@ -65,6 +80,7 @@ def show(result) -> None:
 
 
 def page() -> None:
+    layout.mode_switch()
     ctx = resources.require_context()
     st.header("Evaluate")
     if ctx.truth is None:
@@ -73,7 +89,8 @@ def page() -> None:
         layout.page_link("home", "Open sample", icon=":material/folder_open:")
         return
     st.caption(f"The thesis protocol: points are sampled from the ground truth ({ctx.truth.describe(ctx.stack.channel_names)}), "
-               "prototypes built from them, and the masks scored with Dice, IoU and HD95 on evenly spaced slices.")
+               "prototypes built from them, and the masks scored with Dice, IoU and HD95 on evenly spaced slices or "
+               "on the slices you choose.")
     layout.run_page(lambda: controls(ctx))
     result = state.get("evaluate.result")
     if result is not None:

@@ -21,33 +21,60 @@ def app(tmp_path_factory, monkeypatch):
     return testing.goto(at, "evaluate")
 
 
-def test_small_run_matches_core(app):
+def core_evaluation(at, methods, **settings):
+    sample = at.session_state["home.sample"]
+    return evaluate([EvalStack(Path(sample.path), 0, mask_channel=1, name="synthetic_vessels")], methods,
+                    [load_backbone("filterbank")], ProtocolSettings(n_points=10, seeds=(0,), **settings),
+                    cache=EmbeddingCache())
+
+
+def test_chosen_slices_in_best_mode_match_core(app):
+    app.radio(key="_w.evaluate.slice_choice").set_value("chosen").run()
+    app.text_input(key="_w.evaluate.z").input("21, 5").run()
+    assert "2 slice(s): 5, 21" in [c.value for c in app.caption]
+    app.number_input(key="_w.evaluate.points").set_value(10)
+    app.multiselect(key="_w.evaluate.methods").set_value(["session", "otsu"])
+    app.multiselect(key="_w.evaluate.settings").set_value(["same-slice", "same-file"])
+    app.button(key="evaluate.run").click().run(timeout=300)
+    assert not app.exception and not app.error
+    result = app.session_state["evaluate.result"]
+    assert result.slices == {"synthetic_vessels": [5, 21]}  # exactly the typed slices
+    # best (session): 2 same-slice + 1 same-file (the other slice); otsu: 2 same-slice
+    assert [(r["method"], r["setting"], r["z"]) for r in result.rows] == [
+        ("best (session)", "same-slice", 5), ("best (session)", "same-slice", 21),
+        ("best (session)", "same-file", 5 if result.rows[2]["ref_z"] == 21 else 21),
+        ("otsu", "same-slice", 5), ("otsu", "same-slice", 21)]
+    assert list(app.dataframe[0].value["method"]) == ["best (session)", "best (session)", "otsu"]
+    assert app.get("plotly_chart")
+    expected = core_evaluation(app, [Method("best (session)", PipelineConfig.best()), Method("otsu", None)],
+                               z_values=(5, 21), settings=("same-slice", "same-file"))
+    assert [round(r["dice"], 9) for r in result.rows] == [round(r["dice"], 9) for r in expected.rows]
+    assert [r["hd95_px"] for r in result.rows] == [r["hd95_px"] for r in expected.rows]
+
+
+def test_evenly_spaced_slices_in_thesis_mode_match_core(app):
     app.number_input(key="_w.evaluate.n_slices").set_value(2)
     app.number_input(key="_w.evaluate.skip").set_value(2)
     app.number_input(key="_w.evaluate.points").set_value(10)
-    app.multiselect(key="_w.evaluate.methods").set_value(["session", "otsu"])
+    app.multiselect(key="_w.evaluate.methods").set_value(["thesis"])
     app.multiselect(key="_w.evaluate.settings").set_value(["same-slice"])
     app.button(key="evaluate.run").click().run(timeout=300)
     assert not app.exception and not app.error
     result = app.session_state["evaluate.result"]
     assert result.slices == {"synthetic_vessels": [2, 21]}  # 2 evenly spaced slices between 2 and 21
-    assert len(result.rows) == 4  # (thesis, otsu) x 2 slices x 1 seed, same-slice only
-    summary = app.dataframe[0].value
-    assert list(summary["method"]) == ["thesis (session)", "otsu"]
     per_slice = app.dataframe[1].value
-    assert len(per_slice) == 4 and per_slice["dice"].between(0, 1).all()
-    assert app.get("plotly_chart")
-
-    sample = app.session_state["home.sample"]
-    expected = evaluate(
-        [EvalStack(Path(sample.path), 0, mask_channel=1, name="synthetic_vessels")],
-        [Method("thesis (session)", PipelineConfig.thesis()), Method("otsu", None)],
-        [load_backbone("filterbank")],
-        ProtocolSettings(n_points=10, seeds=(0,), n_slices=2, skip_ends=2, settings=("same-slice",)),
-        cache=EmbeddingCache(),
-    )
+    assert len(per_slice) == 2 and per_slice["dice"].between(0, 1).all()
+    expected = core_evaluation(app, [Method("thesis", PipelineConfig.thesis())], n_slices=2, skip_ends=2,
+                               settings=("same-slice",))
     assert [round(r["dice"], 9) for r in result.rows] == [round(r["dice"], 9) for r in expected.rows]
-    assert [r["hd95_px"] for r in result.rows] == [r["hd95_px"] for r in expected.rows]
+
+
+def test_a_bad_slice_selection_is_a_short_error(app):
+    app.radio(key="_w.evaluate.slice_choice").set_value("chosen").run()
+    app.text_input(key="_w.evaluate.z").input("3, 40").run()
+    assert [e.value for e in app.error] == [
+        "z 40 is outside the stack; valid z: 0..23 (or -24..-1 from the end), ranges like 0:24, or 'all'"]
+    assert not app.exception
 
 
 def test_without_ground_truth_the_page_says_what_to_do(app):

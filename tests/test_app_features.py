@@ -28,8 +28,11 @@ def slice_embeddings(at) -> np.ndarray:
     from core.embedding_cache import EmbeddingCache
     from core.io import open_stack
 
-    with open_stack(at.session_state["home.sample"].path) as stack:
-        embedder = SliceEmbedder(stack, 0, load_backbone("filterbank"), cache=EmbeddingCache())
+    from core.config import PipelineConfig
+
+    with open_stack(at.session_state["home.sample"].path) as stack:  # best mode (the default): stack normalisation
+        embedder = SliceEmbedder(stack, 0, load_backbone("filterbank"), PipelineConfig.best().preprocess,
+                                 cache=EmbeddingCache())
         assert embedder.is_cached(Z)
         return embedder.embed(Z)
 

@@ -154,11 +154,14 @@ def test_best_mode_and_a_bad_threshold_option(app):
 
 
 def test_advanced_options_change_only_what_was_changed(app):
+    assert app.session_state["home.mode"] == "best"  # the default, the CLI's default too
+    assert app.radio(key="_w.home.mode").options[0].startswith("best (recommended)")
     app.slider(key="_w.home.opt_lambda").set_value(0.5).run()
     assert app.session_state["home.options"]["negative_weight"] == 0.5
     assert app.session_state["home.options"]["scoring"] is None  # untouched: the mode's default stays in charge
     assert "λ=0.5" in " ".join(texts(app, "caption"))
-    app.radio(key="_w.home.mode").set_value("best").run()  # a mode switch starts from that mode's settings
-    best = PipelineConfig.best().negative_weight
-    assert app.slider(key="_w.home.opt_lambda").value == best
-    assert f"λ={best:g}" in " ".join(texts(app, "caption"))
+    app.radio(key="_w.home.mode").set_value("thesis").run()  # a mode switch starts from that mode's settings
+    thesis = PipelineConfig.thesis().negative_weight
+    assert app.slider(key="_w.home.opt_lambda").value == thesis
+    assert app.session_state["home.options"]["negative_weight"] is None
+    assert f"mode=thesis norm=slice size=980 λ={thesis:g}" in " ".join(texts(app, "caption"))

@@ -1,5 +1,6 @@
 """AppTest of the Segment page: clicks (injected as the canvas's value), heatmap, mask, area, thresholds,
-undo/clear, points on several slices, saved prototypes, and the state kept across pages."""
+undo/clear, points on several slices, saved prototypes, and the state kept across pages; in thesis mode
+(exact top-10 % numbers) and in best mode, the default (patch preview first, then the pixel classifier)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from core.config import PipelineConfig
 from core.embedding import SliceEmbedder
 from core.embedding_cache import EmbeddingCache
 from core.io import open_stack
-from core.pipeline import Scorer, build_prototype
+from core.pipeline import Scorer, build_prototype, build_scorer
 from core.prototypes import PointSet, load_prototype
 from core.thresholds import ThresholdSpec, otsu_value
 from ui import canvas, testing
@@ -19,10 +20,20 @@ Z = 12  # the page opens on slice 24 // 2
 
 
 @pytest.fixture
-def app(tmp_path_factory, monkeypatch):
+def best_app(tmp_path_factory, monkeypatch):
+    """The Segment page on the demo in the default mode (best)."""
     for key, value in testing.app_environment(tmp_path_factory.getbasetemp()).items():
         monkeypatch.setenv(key, value)
     at = testing.open_demo(testing.new_app())
+    return testing.goto(at, "segment")
+
+
+@pytest.fixture
+def app(tmp_path_factory, monkeypatch):
+    """The Segment page on the demo in thesis mode (exact, hand-checkable numbers)."""
+    for key, value in testing.app_environment(tmp_path_factory.getbasetemp()).items():
+        monkeypatch.setenv(key, value)
+    at = testing.set_mode(testing.open_demo(testing.new_app()), "thesis")
     return testing.goto(at, "segment")
 
 
@@ -41,15 +52,19 @@ def sid(at) -> str:
     return testing.canvas_key(at).split(".")[2]
 
 
-def reference_segmentation(at, points: PointSet, threshold: str = "top:10"):
+def reference_segmentation(at, points: PointSet, threshold: str = "top:10", config: PipelineConfig | None = None):
     """The same segmentation computed directly with core (fresh embedder, same on-disk cache)."""
     sample = at.session_state["home.sample"]
+    config = config or PipelineConfig.thesis()
     with open_stack(sample.path) as stack:
-        config = PipelineConfig.thesis()
         embedder = SliceEmbedder(stack, 0, load_backbone_filterbank(), config.preprocess, cache=EmbeddingCache())
         prototype = build_prototype(embedder, points, config)
         scorer = Scorer(prototype)
         return scorer.segment(embedder, Z, threshold=ThresholdSpec.parse(threshold))
+
+
+def seed_point_set(seeds) -> PointSet:
+    return PointSet(np.array([[x, y, Z] for x, y in seeds[0]]), np.array([[x, y, Z] for x, y in seeds[1]]))
 
 
 def load_backbone_filterbank():
@@ -73,8 +88,7 @@ def test_clicks_give_the_heatmap_mask_and_area_of_core(app, seeds):
     assert [p[2] for p in stored] == [1, 1, -1, -1]
     assert stored[0][:2] == [px, py] and stored[2][:2] == [nx, ny]  # canvas px -> image px round trip
     view = app.session_state["segment.view"]
-    points = PointSet(np.array([[x, y, Z] for x, y in seeds[0]]), np.array([[x, y, Z] for x, y in seeds[1]]))
-    expected = reference_segmentation(app, points)
+    expected = reference_segmentation(app, seed_point_set(seeds))
     np.testing.assert_array_equal(view.segmentation.mask, expected.mask)
     assert view.segmentation.score_map.shape == (70, 70)
     assert int((view.segmentation.score_map >= expected.threshold).sum()) >= 490  # top 10 % of 4900 patches
@@ -111,7 +125,7 @@ def test_absolute_score_and_the_otsu_button(app, seeds):
     app.button(key="segment.otsu").click().run()
     seg = app.session_state["segment.view"].segmentation
     assert app.session_state["segment.th_kind"] == "score"
-    assert app.session_state["segment.th_score"] == pytest.approx(round(otsu_value(seg.scores), 3))
+    assert app.session_state["segment.th_score"] == pytest.approx(round(otsu_value(seg.scores), 2))
     assert seg.threshold == pytest.approx(app.session_state["segment.th_score"])
 
 
@@ -178,22 +192,47 @@ def test_canvas_geometry_and_label_sync():
     assert merged == [[50, 50, 1]] and added == 0  # the canvas's own undo removed one
 
 
-def test_best_mode(app, seeds):
-    """Best mode as core defines it now (its defaults are being tuned): threshold kind and resolution follow it."""
-    best = PipelineConfig.best()
-    app.switch_page("app.py").run()
-    app.radio(key="_w.home.mode").set_value("best").run()
-    testing.goto(app, "segment")
+def test_best_mode_previews_the_patch_heatmap_then_shows_the_pixel_mask(best_app, seeds):
+    app = best_app
+    assert app.session_state["home.mode"] == "best"
     testing.click(app, seeds[0], "positive")
-    if best.uses_pixels:
-        assert any("needs negative points too" in info.value for info in app.info)
+    view = app.session_state["segment.view"]
+    # positives only: the patch-level preview at once, and a hint that the classifier needs background
+    assert view.preview and not view.pending and view.segmentation is None
+    assert any("needs negative points too" in info.value for info in app.info)
+    assert next(iter(app.session_state["segment._memo.preview_scores"].values())).shape == (70, 70)
     testing.click(app, seeds[1], "negative")
     assert not app.exception and not app.error
+    # the run drew the preview, trained the classifier and reran: the page now shows the pixel result
     view = app.session_state["segment.view"]
-    assert app.session_state["segment.th_kind"] == best.threshold.kind
-    if best.uses_pixels:
-        assert view.segmentation.score_map.shape == (256, 256)  # pixel-level scores at the working resolution
-    if best.threshold.kind == "calibrated":
-        assert view.segmentation.threshold == pytest.approx(view.prototype.calibrated_threshold)
-    if (best.upsampling.value != "nearest" or best.uses_pixels) and not best.cleanup.active:
-        assert view.segmentation.mask.sum() == (view.segmentation.scores >= view.segmentation.threshold).sum()
+    assert not view.preview and view.segmentation.score_map.shape == (256, 256)
+    assert app.session_state["segment.th_kind"] == "calibrated"
+    assert view.segmentation.threshold == pytest.approx(view.prototype.calibrated_threshold)
+    expected = reference_segmentation(app, seed_point_set(seeds), "calibrated", PipelineConfig.best())
+    np.testing.assert_array_equal(view.segmentation.mask, expected.mask)
+    assert {m.label: m.value for m in app.metric}["Mask area (px)"] == f"{int(expected.mask.sum()):,}"
+    assert app.session_state["segment.preview_timings"]["total"] > 0
+    assert app.session_state["segment.pixel_timings"]["prototype"] > 0  # the forest was fitted in that run
+    assert any("pixel classifier" in c.value and "patch preview" in c.value for c in app.caption)
+
+
+def test_best_mode_score_slider_takes_over_from_the_calibrated_threshold(best_app, seeds):
+    app = click_four(best_app, seeds)
+    seg = app.session_state["segment.view"].segmentation
+    slider = app.slider(key="_w.segment.th_score")
+    assert slider.value == pytest.approx(round(seg.threshold, 2))  # it shows the cut in effect
+    app.slider(key="_w.segment.th_score").set_value(round(seg.threshold, 2) + 0.3).run()
+    moved = app.session_state["segment.view"].segmentation
+    assert app.session_state["segment.th_kind"] == "score"
+    assert moved.threshold == pytest.approx(round(seg.threshold, 2) + 0.3)
+    assert moved.mask.sum() == (seg.scores >= moved.threshold).sum() < seg.mask.sum()
+
+
+def test_the_sidebar_switches_to_thesis_mode(best_app, seeds):
+    app = click_four(best_app, seeds)
+    app.radio(key="_w.home.mode").set_value("thesis").run()  # the sidebar's switch, on the Segment page
+    assert not app.exception and not app.error
+    view = app.session_state["segment.view"]
+    assert view.segmentation.score_map.shape == (70, 70)
+    assert app.session_state["segment.th_kind"] == "top"
+    np.testing.assert_array_equal(view.segmentation.mask, reference_segmentation(app, seed_point_set(seeds)).mask)

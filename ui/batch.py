@@ -54,11 +54,6 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "masks"
 
 
-def latin1(text: str) -> str:
-    """``text`` with characters outside Latin-1 spelled out or replaced ('λ' -> 'lambda', others -> '?')."""
-    return text.replace("λ", "lambda").encode("latin-1", "replace").decode("latin-1")
-
-
 def base_name(stack_path: Path, prototype_name: str) -> str:
     """'<stack>_<prototype>_<YYYYmmdd-HHMMSS>' for the output files."""
     return f"{safe_name(settings.stack_stem(stack_path))}_{safe_name(prototype_name)}_{time.strftime('%Y%m%d-%H%M%S')}"
@@ -108,8 +103,8 @@ def run(
                                csv_text=result.to_csv(), threshold=str(threshold or prototype.config.threshold))
         if result.cancelled:
             return outputs
-        # Imaris attributes are Latin-1 (core.ims raises on 'λ'): spell the description in that alphabet
-        description = latin1(f"Protoscope masks of {stack.name} ({prototype.summary()[:300]})")
+        # core.ims writes Imaris's Latin-1 strings itself ('λ' becomes '?' there; OME-TIFF and HDF5 keep it)
+        description = f"Protoscope masks of {stack.name} ({prototype.summary()[:300]})"
         for key in formats:
             path = folder / f"{base}{FORMATS[key][1]}"
             if key == "ims":

@@ -8,11 +8,13 @@ from typing import Callable
 from core.config import PipelineConfig
 from core.errors import ProtoscopeError
 from core.protocol import BASELINES, EvalStack, EvaluationResult, Method, ProtocolSettings, evaluate
+from core.zspec import parse_z_spec
 from ui import resources, settings
 from ui.resources import Context
 
 #: Settings that make sense for one stack (cross-file needs two or more).
 ONE_STACK_SETTINGS = ("same-slice", "same-file")
+SLICE_CHOICES = {"spaced": "evenly spaced (the thesis protocol)", "chosen": "exactly these slices"}
 METHODS = {
     "session": "the session's settings",
     "thesis": "thesis mode",
@@ -39,18 +41,35 @@ def methods_for(ctx: Context, names: list[str]) -> list[Method]:
     return methods
 
 
+def parse_slices(text: str, n_slices: int) -> tuple[int, ...]:
+    """The typed z selection (core.zspec: '12', '3,7,9', '0:24:4', 'all') as sorted distinct slice indices."""
+    return tuple(sorted(parse_z_spec(text, n_slices)))
+
+
+def short_list(values: tuple[int, ...] | list[int], limit: int = 12) -> str:
+    """'2, 5, 9' or '0, 1, 2, …, 23 (24 slices)' for captions."""
+    if len(values) <= limit:
+        return ", ".join(str(v) for v in values)
+    return ", ".join(str(v) for v in values[: limit - 1]) + f", …, {values[-1]} ({len(values)} slices)"
+
+
 def run(
     ctx: Context,
     *,
     method_names: list[str],
-    n_slices: int,
-    skip_ends: int,
     n_points: int,
     n_seeds: int,
     protocol_settings: list[str],
+    n_slices: int = 5,
+    skip_ends: int = 2,
+    z_values: tuple[int, ...] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> EvaluationResult:
-    """Evaluate the open stack against its ground truth; rows per (method, setting, slice, seed)."""
+    """Evaluate the open stack against its ground truth; rows per (method, setting, slice, seed).
+
+    z_values : exactly these slices (core.protocol's explicit selection); else ``n_slices`` evenly spaced
+        ones after skipping ``skip_ends`` at each end.
+    """
     truth = ctx.truth
     if truth is None:
         raise ProtoscopeError("the Evaluate page needs a ground truth: choose a channel or a mask file on the Open "
@@ -60,9 +79,14 @@ def run(
     stack = EvalStack(Path(ctx.sample.path), ctx.channel, mask_channel=truth.channel,
                       mask_path=Path(truth.path) if truth.path else None, name=settings.stack_stem(Path(ctx.sample.path)))
     protocol = ProtocolSettings(n_points=int(n_points), seeds=tuple(range(int(n_seeds))), n_slices=int(n_slices),
-                                skip_ends=int(skip_ends), settings=tuple(protocol_settings))
-    return evaluate([stack], methods_for(ctx, method_names), [ctx.backbone], protocol,
-                    cache=resources.embedding_cache(), log=log)
+                                skip_ends=int(skip_ends), settings=tuple(protocol_settings),
+                                z_values=tuple(int(z) for z in z_values) if z_values is not None else None)
+    result = evaluate([stack], methods_for(ctx, method_names), [ctx.backbone], protocol,
+                      cache=resources.embedding_cache(), log=log)
+    if "same-file" in protocol_settings and z_values is not None and len(set(z_values)) < 2:
+        result.notes.append("same-file applies one slice's prototype to the other evaluated slices: with one slice "
+                            "there are none, so only same-slice was scored")
+    return result
 
 
 def per_slice(result: EvaluationResult) -> list[dict]:

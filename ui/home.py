@@ -5,12 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.backbones import BACKBONES
+from core.config import PipelineConfig
 from core.errors import ProtoscopeError, StackError
 from core.io import Stack
 from ui import resources, settings, state
 from ui.state import Sample, Truth
 
 SOURCES = ("Synthetic demo", "File in the data root", "Upload a small file")
+MODES = {
+    "best": "best (recommended): pixel classifier on filter features, calibrated threshold",
+    "thesis": "thesis: reproduces the thesis (patch cosine, top 10 %)",
+}
 WEIGHT_KINDS = {"hub": "Hugging Face hub (cached)", "path": "Local weights (folder or .pth)", "random": "Random (timing only)"}
 
 
@@ -93,3 +98,20 @@ def describe_stack(stack: Stack) -> str:
     size = f"{voxel.x:g} x {voxel.y:g} x {voxel.z:g} µm" if voxel is not None else "unknown (areas in pixels only)"
     return (f"{stack.format} · {z} slices x {c} channel(s) x {y} x {x} px · {stack.dtype.name} · voxel {size}"
             + (f" · {stack.n_timepoints} time points (t=0 used)" if stack.n_timepoints > 1 else ""))
+
+
+def reset_mode_options(mode: str) -> None:
+    """Start the advanced options λ and scoring from ``mode``'s own values (its tuned defaults stay in charge)."""
+    base = PipelineConfig.for_mode(mode)
+    state.put("home.options_mode", mode)
+    state.set_bound("home.opt_lambda", base.negative_weight)
+    state.set_bound("home.opt_scoring", base.scoring.value)
+    options = dict(state.get("home.options"))
+    options.update(negative_weight=None, scoring=None)
+    state.put("home.options", options)
+
+
+def on_mode_change() -> None:
+    """on_change of the mode radios (Open sample page and sidebar)."""
+    state.store("home.mode")
+    reset_mode_options(state.get("home.mode"))

@@ -14,7 +14,7 @@ from ui import settings, state
 LOG = logging.getLogger("protoscope.app")
 RANDOM_WARNING = "RANDOM WEIGHTS — timing only: the heatmaps and masks mean nothing."
 
-#: st.Page objects registered by app.py ('home', 'segment', 'features', 'batch', 'evaluate').
+#: st.Page objects registered by app.py ('home', 'segment', 'features', 'batch', 'evaluate', 'refine').
 PAGES: dict[str, Any] = {}
 
 
@@ -63,6 +63,7 @@ def sidebar_status() -> None:
             st.caption(f"Device: {describe_device(backbone.device)}")
             if backbone.is_random:
                 st.warning(RANDOM_WARNING, icon=":material/warning:")
+        st.caption(f"Data root: `{settings.data_root()}`")
         mode = state.get("home.mode")
         try:
             config = resources.pipeline_config()
@@ -71,4 +72,15 @@ def sidebar_status() -> None:
         else:
             st.markdown(f"**Mode** {mode}")
             st.caption(config.describe())
-        st.caption(f"Data root: `{settings.data_root()}`")
+
+
+def mode_switch() -> None:
+    """The mode radio in the sidebar, under the mode's description (every page but Open sample, which has its
+    own with the advanced options): thesis mode stays one click away while segmenting."""
+    from ui import home
+
+    st.sidebar.radio("Mode", list(home.MODES), horizontal=True, key=state.bind("home.mode", "best"),
+                     on_change=home.on_mode_change, label_visibility="collapsed",
+                     format_func=lambda m: m + (" (recommended)" if m == "best" else ""),
+                     help="best: pixel classifier on filter features, calibrated threshold; thesis: reproduces the "
+                          "thesis (patch cosine, top 10 %). Advanced options are on the Open sample page.")

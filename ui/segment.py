@@ -4,6 +4,10 @@ A click changes the points, so the prototype and the slice's score map are rebui
 on-disk cache); a threshold move reuses both and recomputes only the mask; an opacity change only redraws.
 Each step's server time is recorded (``View.timings``, ms) and the last 50 views in
 ``st.session_state['segment.timings']``.
+
+Best mode's pixel classifier takes ~0.3-2 s per click (fitting the forest and scoring every pixel), so a
+click first gets a *preview*: the cosine heatmap of the same points on the cached patch grid (tens of ms,
+like thesis mode), drawn at once; the page then computes the pixel result and reruns to show it.
 """
 
 from __future__ import annotations
@@ -21,11 +25,11 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
-from core.config import PipelineConfig, Upsampling
+from core.config import Cleanup, PipelineConfig, Upsampling
 from core.errors import ProtoscopeError
 from core.io import VoxelSize
 from core.mask_writers import write_masks
-from core.pipeline import Scorer, SliceSegmentation, build_prototype
+from core.pipeline import Scorer, SliceSegmentation, build_scorer
 from core.prototypes import PointSet, Prototype, prototype_to_bytes
 from core.thresholds import ThresholdSpec, otsu_value
 from ui import render, state
@@ -34,7 +38,7 @@ from ui.state import SavedPrototype
 
 THRESHOLD_KINDS = {"top": "top %", "score": "absolute score", "otsu": "Otsu (per slice)", "calibrated": "calibrated on the points"}
 #: Entries kept per memo; masks hold full-size (Y, X) scores and masks (~45 MB for a 3000 x 3000 slice).
-_MEMO_SIZES = {"prototype": 8, "scores": 6, "masks": 3, "grey": 8, "png": 16}
+_MEMO_SIZES = {"prototype": 8, "scores": 6, "masks": 3, "grey": 8, "png": 16, "preview": 8, "preview_scores": 8}
 
 
 @dataclass
@@ -48,6 +52,8 @@ class View:
     segmentation: SliceSegmentation | None = None
     message: str | None = None
     timings: dict[str, float] = field(default_factory=dict)  # ms per step
+    preview: bool = False  # the heatmap is best mode's patch-level preview (no mask yet)
+    pending: bool = False  # the pixel result of these points is still to be computed (after drawing this)
 
     @property
     def area_px(self) -> int | None:
@@ -108,8 +114,32 @@ def prototype_and_scorer(ctx: Context, points: PointSet) -> tuple[Prototype, Sco
     key = prototype_key(ctx, points)
     found = _recall("prototype", key)
     if found is None:
-        prototype = build_prototype(ctx.embedder, points, ctx.config)
-        found = _remember("prototype", key, (prototype, Scorer(prototype)))
+        scorer = build_scorer(ctx.embedder, points, ctx.config)  # fits best mode's classifier once
+        found = _remember("prototype", key, (scorer.prototype, scorer))
+    return found
+
+
+def preview_config(config: PipelineConfig) -> PipelineConfig:
+    """The patch-level part of ``config``: cosine scores on the patch grid, no pixel classifier (the preview)."""
+    return dataclasses.replace(config, pixel_classifier="none", patch_components=0, upsampling=Upsampling.NEAREST,
+                               threshold=ThresholdSpec("top", 10.0), z_sigma=0.0, cleanup=Cleanup())
+
+
+def pixel_ready(ctx: Context, points: PointSet, z: int) -> bool:
+    """True when best mode's prototype of these points and slice z's pixel score map are memoised."""
+    key = prototype_key(ctx, points)
+    return key in _memo("prototype") and (key, z) in _memo("scores")
+
+
+def preview_scores(ctx: Context, points: PointSet, z: int) -> np.ndarray:
+    """(h, w) float32 patch-grid cosine scores of the points' patch prototypes on slice z (memoised)."""
+    key = "preview|" + prototype_key(ctx, points)
+    scorer = _recall("preview", key)
+    if scorer is None:
+        scorer = _remember("preview", key, build_scorer(ctx.embedder, points, preview_config(ctx.config)))
+    found = _recall("preview_scores", (key, z))
+    if found is None:
+        found = _remember("preview_scores", (key, z), scorer.score_map(ctx.embedder, z))
     return found
 
 
@@ -170,13 +200,20 @@ def compute_view(
     show_heatmap: bool = True,
     show_mask: bool = True,
     display: tuple[int, int] | None = None,
+    preview: bool = False,
 ) -> View:
-    """Prototype (all slices' points), this slice's score map and mask, and the overlay PNG; timed per step."""
+    """Prototype (all slices' points), this slice's score map and mask, and the overlay PNG; timed per step.
+
+    preview : in best mode, when the pixel result of these points is not memoised yet, return at once the
+        patch-level preview (``View.preview``; ``View.pending`` when the pixel result can be computed next).
+    """
     display = display or render.display_size(ctx.slice_shape)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     grey = display_image(ctx, z, display)
     points = state.point_set(ctx.sid)
+    if preview and ctx.config.uses_pixels and len(points.positive) and not (len(points.negative) and pixel_ready(ctx, points, z)):
+        return _preview_view(ctx, z, points, grey, display, opacity, show_heatmap, timings, start)
     built = prototype_and_scorer(ctx, points)
     timings["prototype"] = (time.perf_counter() - start) * 1e3
     if isinstance(built, str):
@@ -198,6 +235,43 @@ def compute_view(
     png = _overlay((key, z, str(spec)), grey, display, scores, seg.mask if seg is not None else None, nearest, opacity,
                    show_heatmap, show_mask, timings)
     return View(z, png, display, prototype, seg, message, _total(timings, start))
+
+
+def _preview_view(ctx: Context, z: int, points: PointSet, grey: np.ndarray, display: tuple[int, int], opacity: float,
+                  show_heatmap: bool, timings: dict[str, float], start: float) -> View:
+    grid = preview_scores(ctx, points, z)
+    timings["preview"] = (time.perf_counter() - start) * 1e3
+    key = ("preview", prototype_key(ctx, points), z)
+    # drawn smooth (bilinear), as best mode's own patch scores would be, not as 14-px blocks
+    png = _overlay(key, grey, display, grid, None, False, opacity, show_heatmap, False, timings)
+    pending = len(points.negative) > 0
+    message = ("Patch-level preview (cosine similarity on the cached patch grid) while the pixel classifier "
+               "trains on your points…" if pending else
+               "Best mode's pixel classifier needs negative points too: click some background. The heatmap is the "
+               "patch-level preview of your positive points.")
+    timings = _total(timings, start)
+    state.put("segment.preview_timings", dict(timings))
+    return View(z, png, display, message=message, timings=timings, preview=True, pending=pending)
+
+
+def timing_caption(view: View, config: PipelineConfig) -> str:
+    """The server times of the last update, for the caption under the canvas."""
+    def steps(t: dict[str, float]) -> str:
+        return (f"prototype {t.get('prototype', 0):.0f}, scores {t.get('scores', 0):.0f}, mask {t.get('mask', 0):.0f}, "
+                f"image {t.get('image', 0):.0f}")
+
+    t = view.timings
+    if not config.uses_pixels:
+        return f"Server time {t.get('total', 0):.0f} ms ({steps(t)})"
+    preview = state.get("segment.preview_timings") or {}
+    pixel = state.get("segment.pixel_timings") or {}
+    if view.preview:
+        return f"Server time: patch preview {t.get('total', 0):.0f} ms"
+    text = f"Server time {t.get('total', 0):.0f} ms"
+    if pixel:
+        text += (f" · last click: patch preview {preview.get('total', 0):.0f} ms, pixel classifier "
+                 f"{pixel.get('total', 0):.0f} ms ({steps(pixel)})")
+    return text
 
 
 def _overlay(what, grey, display, scores, mask, nearest, opacity, show_heatmap, show_mask, timings) -> bytes:

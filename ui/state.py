@@ -7,12 +7,17 @@ home.channel           int                      image channel
 home.truth             Truth | None             ground truth: a channel of the stack, or a mask file
 home.backbone          BackboneChoice           the active backbone and weights
 home.backbone_overrides dict | None             hidden test hook: DINOv2 config overrides for random weights
-home.mode              'thesis' | 'best'
+home.mode              'best' | 'thesis'         best (the recommended mode) unless the user switches
 home.options           dict                     advanced pipeline options (core.config OPTION_NAMES)
 segment.points         {stack_id: {z: [[x, y, label], ...]}}   label +1 positive, -1 negative
 segment.generation     int                      bumped by undo/clear: gives the canvases fresh keys
 segment.prototypes     [SavedPrototype, ...]    saved in this session
+segment.preview_timings, segment.pixel_timings  ms per step of best mode's patch preview and pixel result
 batch.result, evaluate.result                   the last run's results
+refine.stacks          [TrainingStack, ...]     training stacks added from the data root (ui.refine)
+refine.job             TrainJob | None          the running or last training (a background thread)
+refine.models          [TrainedModel, ...]      models trained in this session (safetensors bytes)
+refine.result          RefineOutputs | None     the last refined batch
 """
 
 from __future__ import annotations
@@ -77,12 +82,16 @@ DEFAULTS: dict[str, Callable[[], Any]] = {
     "home.truth": lambda: None,
     "home.backbone": lambda: None,  # filled by resources.active_backbone() on first use
     "home.backbone_overrides": lambda: None,
-    "home.mode": lambda: "thesis",
+    "home.mode": lambda: "best",
     "home.options": dict,
     "segment.points": dict,
     "segment.generation": lambda: 0,
     "segment.prototypes": list,
     "segment.snapshots": dict,
+    "refine.stacks": list,
+    "refine.job": lambda: None,
+    "refine.models": list,
+    "refine.result": lambda: None,
 }
 
 

@@ -56,10 +56,16 @@ def open_demo(at):
 
 
 def goto(at, page: str):
-    """Switch to 'segment', 'features', 'batch' or 'evaluate' and run."""
-    files = {"segment": "pages/1_Segment.py", "features": "pages/2_Feature_space.py", "batch": "pages/3_Batch.py",
-             "evaluate": "pages/4_Evaluate.py"}
+    """Switch to 'home', 'segment', 'features', 'batch', 'evaluate' or 'refine' and run."""
+    files = {"home": "app.py", "segment": "pages/1_Segment.py", "features": "pages/2_Feature_space.py",
+             "batch": "pages/3_Batch.py", "evaluate": "pages/4_Evaluate.py", "refine": "pages/5_Refine.py"}
     return at.switch_page(files[page]).run()
+
+
+def set_mode(at, mode: str):
+    """Switch the pipeline mode ('best' is the default, 'thesis') with the radio of the page shown, and run."""
+    at.radio(key="_w.home.mode").set_value(mode).run()
+    return at
 
 
 def demo_truth(z: int) -> np.ndarray:
