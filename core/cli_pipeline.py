@@ -198,9 +198,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def parse_variant(text: str) -> tuple[str, str, dict[str, str]]:
     """'name=base:opt=v,opt=v' or 'base:opt=v' -> (name, base mode, options)."""
     head, _, options_text = text.partition(":")
-    name, _, base = head.partition("=")
-    if not base:
-        base = name
+    name, _, base = head.rpartition("=")  # the name may itself contain '='; the base never does
+    if not name:
         name = text
     if base not in ("thesis", "best"):
         raise ProtoscopeError(f"variant {text!r}: the base must be thesis or best (e.g. 'knn=best:scoring=knn')")
