@@ -101,7 +101,8 @@ def page() -> None:
                               "negative": ":red[**negative**] point (background)"}.get)
         canvas.draw(canvas_key, view.image_png, snapshots[canvas_key], display, label)
         pending_slot = st.empty()
-        st.caption(f"{segment.timing_caption(view, ctx.config)} · heatmap: inferno, bright = similar to the "
+        fresh = st.session_state.pop("segment.pixel_fresh", False)
+        st.caption(f"{segment.timing_caption(view, ctx.config, fresh)} · heatmap: inferno, bright = similar to the "
                    "positives · mask outline in cyan")
         b1, b2, b3 = st.columns(3)
         b1.button("Undo last point", key="segment.undo", on_click=state.undo_point, args=(ctx.sid, z),
@@ -128,6 +129,7 @@ def finish_pixel_result(ctx: resources.Context, z: int, spec, options: dict, slo
     with slot.container(), st.spinner("Best mode: training the pixel classifier on your points…", show_time=True):
         full = segment.compute_view(ctx, z, spec, **options)
     state.put("segment.pixel_timings", dict(full.timings))
+    state.put("segment.pixel_fresh", True)
     st.rerun()
 
 

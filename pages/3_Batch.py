@@ -91,21 +91,26 @@ def run_controls(ctx: resources.Context) -> None:
         state.set_bound("batch.formats", [k for k in state.get("batch.formats") if k in available])
     formats = st.multiselect("Write", available, format_func=lambda k: f"{batch.FORMATS[k][0]} ({batch.FORMATS[k][1]})",
                              key=state.bind("batch.formats", ["tif"]), on_change=state.store, args=("batch.formats",))
-    cached = batch.cached_count(embedder, z_values)
-    st.caption(f"{len(z_values)} slice(s) of {stack.name}; {cached} already embedded (cached, skipped); the per-slice "
-               f"areas are always written as CSV. Output folder: `{settings.output_dir(stack.path)}`")
+    embeds = batch.needs_embeddings(embedder, prototype)
+    if embeds:
+        done = f"{batch.cached_count(embedder, z_values)} already embedded (cached, skipped)"
+    else:
+        done = "no patch embeddings needed (best mode's pixel classifier reads filter features of the slices)"
+    st.caption(f"{len(z_values)} slice(s) of {stack.name}; {done}; the per-slice areas are always written as CSV. "
+               f"Output folder: `{settings.output_dir(stack.path)}`")
     if st.button("Run batch", type="primary", key="batch.run"):
-        execute(embedder, prototype, name, z_values, formats, threshold)
+        execute(embedder, prototype, name, z_values, formats, threshold, embeds)
     elif state.get("batch.running"):
         state.put("batch.running", False)
-        st.warning("The batch was cancelled. The slices embedded so far are cached: **Run batch** again resumes "
-                   "from there.")
+        st.warning("The batch was cancelled; no file was written." + (" The slices embedded so far are cached: "
+                   "**Run batch** again resumes from there." if embeds else ""))
 
 
-def execute(embedder, prototype, name, z_values, formats, threshold) -> None:
+def execute(embedder, prototype, name, z_values, formats, threshold, embeds: bool = True) -> None:
     cancel = st.empty()
     cancel.button("Cancel", key="batch.cancel", help="Stops after the current slice; embedded slices stay cached")
-    bars = {"embed": st.progress(0.0, text="Embedding uncached slices…"), "mask": st.progress(0.0, text="Masks: waiting…")}
+    bars = {"embed": st.progress(0.0, text="Embedding uncached slices…") if embeds else st.empty(),
+            "mask": st.progress(0.0, text="Masks: waiting…")}
     titles = {"embed": "Embedding", "mask": "Scoring and thresholding"}
 
     def on_progress(phase: str, done: int, total: int, eta: float | None) -> None:

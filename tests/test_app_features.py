@@ -80,10 +80,22 @@ def test_figure_and_selection_helpers():
     assert grid.tolist() == [[True, False], [True, False]]
 
 
-@pytest.mark.slow
-def test_umap_behind_its_button(app):
+def test_umap_behind_its_button(app, monkeypatch):
+    # The button plumbing only: UMAP itself is replaced by PCA here, because its first fit in a fresh
+    # environment compiles numba code for minutes; core's own UMAP test (tests/test_projection.py) runs the real one.
+    import dataclasses
+
+    calls = []
+
+    def fake_umap(embeddings, extra=None, **kwargs):
+        calls.append(embeddings.shape)
+        return dataclasses.replace(pca_2d(embeddings, extra), method="umap", explained_variance=None)
+
+    monkeypatch.setattr(features, "umap_2d", fake_umap)
     app.radio(key="_w.features.method").set_value("umap").run()
     assert any("UMAP takes a few seconds" in info.value for info in app.info)
-    app.button(key="features.compute_umap").click().run(timeout=300)
+    assert not calls  # nothing is computed before the button
+    app.button(key="features.compute_umap").click().run(timeout=120)
     assert not app.exception and not app.error
+    assert calls and calls[0][0] == 70 * 70
     assert app.get("plotly_chart")

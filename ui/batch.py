@@ -67,6 +67,13 @@ def montage_slices(z_values: list[int], count: int = 12) -> list[int]:
     return [z_values[i] for i in picks]
 
 
+def needs_embeddings(embedder: SliceEmbedder, prototype: Prototype) -> bool:
+    """Whether applying the prototype reads patch embeddings (as core.batch.apply_prototype decides): not for best
+    mode's pixel classifier with the filter bank, which computes its pixel features from the slice itself."""
+    uses_pixels = prototype.config.uses_pixels and prototype.pixel_positive_examples is not None
+    return not uses_pixels or prototype.pixel_projection is not None
+
+
 def cached_count(embedder: SliceEmbedder, z_values: list[int]) -> int:
     """How many of the requested slices are already embedded (they are skipped: the resume)."""
     done = embedder.cached_slices()

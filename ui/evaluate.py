@@ -47,10 +47,10 @@ def parse_slices(text: str, n_slices: int) -> tuple[int, ...]:
 
 
 def short_list(values: tuple[int, ...] | list[int], limit: int = 12) -> str:
-    """'2, 5, 9' or '0, 1, 2, …, 23 (24 slices)' for captions."""
+    """'2, 5, 9', or '0, 1, 2, …, 23' beyond ``limit`` values, for captions."""
     if len(values) <= limit:
         return ", ".join(str(v) for v in values)
-    return ", ".join(str(v) for v in values[: limit - 1]) + f", …, {values[-1]} ({len(values)} slices)"
+    return ", ".join(str(v) for v in values[: limit - 1]) + f", …, {values[-1]}"
 
 
 def run(

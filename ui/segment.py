@@ -254,8 +254,11 @@ def _preview_view(ctx: Context, z: int, points: PointSet, grey: np.ndarray, disp
     return View(z, png, display, message=message, timings=timings, preview=True, pending=pending)
 
 
-def timing_caption(view: View, config: PipelineConfig) -> str:
-    """The server times of the last update, for the caption under the canvas."""
+def timing_caption(view: View, config: PipelineConfig, fresh: bool = False) -> str:
+    """The server times of the last update, for the caption under the canvas.
+
+    fresh : the view is the pixel result just computed after a preview (the run that shows it only recalled it).
+    """
     def steps(t: dict[str, float]) -> str:
         return (f"prototype {t.get('prototype', 0):.0f}, scores {t.get('scores', 0):.0f}, mask {t.get('mask', 0):.0f}, "
                 f"image {t.get('image', 0):.0f}")
@@ -263,15 +266,15 @@ def timing_caption(view: View, config: PipelineConfig) -> str:
     t = view.timings
     if not config.uses_pixels:
         return f"Server time {t.get('total', 0):.0f} ms ({steps(t)})"
-    preview = state.get("segment.preview_timings") or {}
-    pixel = state.get("segment.pixel_timings") or {}
     if view.preview:
         return f"Server time: patch preview {t.get('total', 0):.0f} ms"
-    text = f"Server time {t.get('total', 0):.0f} ms"
-    if pixel:
-        text += (f" · last click: patch preview {preview.get('total', 0):.0f} ms, pixel classifier "
-                 f"{pixel.get('total', 0):.0f} ms ({steps(pixel)})")
-    return text
+    preview = state.get("segment.preview_timings") or {}
+    pixel = state.get("segment.pixel_timings") or {}
+    click = (f"patch preview {preview.get('total', 0):.0f} ms, then pixel classifier {pixel.get('total', 0):.0f} ms "
+             f"({steps(pixel)})")
+    if fresh and pixel:
+        return f"Server time: {click}"
+    return f"Server time {t.get('total', 0):.0f} ms" + (f" · last click: {click}" if pixel else f" ({steps(t)})")
 
 
 def _overlay(what, grey, display, scores, mask, nearest, opacity, show_heatmap, show_mask, timings) -> bytes:

@@ -13,6 +13,7 @@ segment.points         {stack_id: {z: [[x, y, label], ...]}}   label +1 positive
 segment.generation     int                      bumped by undo/clear: gives the canvases fresh keys
 segment.prototypes     [SavedPrototype, ...]    saved in this session
 segment.preview_timings, segment.pixel_timings  ms per step of best mode's patch preview and pixel result
+segment.pixel_fresh    bool                     the run shows the pixel result computed right after a preview
 batch.result, evaluate.result                   the last run's results
 refine.stacks          [TrainingStack, ...]     training stacks added from the data root (ui.refine)
 refine.job             TrainJob | None          the running or last training (a background thread)
