@@ -92,7 +92,7 @@ def run_all(seeds: int, cache: str, only: list[str] | None) -> None:
         "main_vesselnn": ("vesselnn", ["--mode", "thesis", "best", "--baseline", "otsu", "intensity", "--seeds", str(seeds)]),
         "main_isbi2012": ("isbi2012", ["--mode", "thesis", "best", "--baseline", "otsu", "intensity", "--seeds", str(seeds)]),
         "main_dsb2018": ("dsb2018", ["--mode", "thesis", "best", "--baseline", "otsu", "intensity", "--seeds", "1"]),
-        "ablation_vesselnn": ("vesselnn", ["--mode", *([] or ["thesis"]), "--seeds", "1",
+        "ablation_vesselnn": ("vesselnn", ["--mode", "thesis", "--seeds", "1",
                                            *[a for label, spec in {**ABLATION_ON_THESIS, **ABLATION_OFF_BEST}.items()
                                              for a in ("--variant", f"{label}={spec}")]]),
     }
