@@ -148,6 +148,21 @@ def weights_for_prototype(weights_id: str) -> tuple[str, int, dict | None]:
     return "hub", 0, None
 
 
+def backbone_for_prototype(prototype, args: argparse.Namespace):
+    """Load the backbone and weights `prototype` was made with; an explicit --weights/--backbone-config wins.
+
+    Warns on stderr when the weights differ, since embeddings from other weights do not match the prototype.
+    """
+    weights, seed, overrides = weights_for_prototype(prototype.weights_id)
+    if args.weights != "hub" or args.backbone_config:
+        weights, overrides = args.weights, None
+    backbone = load_backbone_from_args(prototype.backbone, args, weights=weights, seed=seed, overrides=overrides)
+    if backbone.weights_id != prototype.weights_id:
+        print(f"WARNING: the prototype was made with weights {prototype.weights_id}, now using {backbone.weights_id}; "
+              "embeddings from other weights do not match the prototype", file=sys.stderr)
+    return backbone
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     from core.batch import apply_prototype
     from core.embedding import SliceEmbedder
@@ -161,13 +176,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ProtoscopeError(f"{out} already exists; choose another --out or add --overwrite")
-    weights, seed, overrides = weights_for_prototype(prototype.weights_id)
-    if args.weights != "hub" or args.backbone_config:
-        weights, overrides = args.weights, None
-    backbone = load_backbone_from_args(prototype.backbone, args, weights=weights, seed=seed, overrides=overrides)
-    if backbone.weights_id != prototype.weights_id:
-        print(f"WARNING: the prototype was made with weights {prototype.weights_id}, now using {backbone.weights_id}; "
-              "embeddings from other weights do not match the prototype", file=sys.stderr)
+    backbone = backbone_for_prototype(prototype, args)
     config = prototype.config.with_options(**parse_option_assignments(args.option))
     threshold = ThresholdSpec.parse(args.threshold) if args.threshold else None
     with open_stack(args.stack) as stack:

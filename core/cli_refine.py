@@ -19,10 +19,9 @@ from core.cli_pipeline import (
     StderrProgress,
     add_backbone_options,
     add_cache_options,
+    backbone_for_prototype,
     default_channel,
-    load_backbone_from_args,
     open_cache,
-    weights_for_prototype,
 )
 from core.errors import ProtoscopeError
 
@@ -71,14 +70,7 @@ def _prototype_backbone(prototype, args: argparse.Namespace):
         raise ProtoscopeError(
             f"--backbone {args.backbone} differs from the prototype's backbone {prototype.backbone!r}; heatmaps come "
             "from the backbone that made the prototype, so drop --backbone or build a prototype with it")
-    weights, seed, overrides = weights_for_prototype(prototype.weights_id)
-    if args.weights != "hub" or args.backbone_config:
-        weights, overrides = args.weights, None
-    backbone = load_backbone_from_args(prototype.backbone, args, weights=weights, seed=seed, overrides=overrides)
-    if backbone.weights_id != prototype.weights_id:
-        print(f"WARNING: the prototype was made with weights {prototype.weights_id}, now using {backbone.weights_id}; "
-              "embeddings from other weights do not match the prototype", file=sys.stderr)
-    return backbone
+    return backbone_for_prototype(prototype, args)
 
 
 class CtrlC:
