@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from core.config import PipelineConfig
+from core.config import PipelineConfig, Upsampling
 from core.pipeline import Scorer
 from core.prototypes import Prototype
 from core.thresholds import ThresholdSpec
@@ -138,7 +138,7 @@ def apply_prototype(
         needed = sorted({k for z in z_values for k in neighbourhood(z, config.z_sigma, embedder.n_slices)})
         todo = [z for z in needed if z not in embedder.cached_slices()] if embedder.cache is not None else needed
         start = time.perf_counter()
-        for index, z in enumerate(todo):
+        for index, z in enumerate(embedder.read_ahead(todo)):
             if should_stop is not None and should_stop():
                 result.cancelled = True
                 result.seconds = time.perf_counter() - started
@@ -148,7 +148,9 @@ def apply_prototype(
                 on_progress("embed", index + 1, len(todo), _eta(start, index + 1, len(todo)))
     maps: dict[int, np.ndarray] = {}
     start = time.perf_counter()
-    for index, z in enumerate(z_values):
+    # Pixel features and guided upsampling need the raw planes again: read them chunk-wise.
+    needs_raw = scorer.pixel_level or config.upsampling is Upsampling.GUIDED
+    for index, z in enumerate(embedder.read_ahead(z_values) if needs_raw else z_values):
         if should_stop is not None and should_stop():
             result.cancelled = True
             break

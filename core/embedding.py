@@ -8,7 +8,7 @@ never re-embeds) and otherwise computes and stores them.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -69,6 +69,10 @@ class SliceEmbedder:
         self._pixel_memo: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self.pixel_memo_slices = 6
         self._pixel_stats: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # Recently read raw planes: one slice is read for its embedding, its pixel features and its guide,
+        # and a single-plane read of a chunked .ims decompresses whole z-chunks (see `read_ahead`).
+        self._raw_memo: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.raw_memo_slices = 4
 
     @property
     def slice_shape(self) -> tuple[int, int]:
@@ -92,8 +96,32 @@ class SliceEmbedder:
         return self._key
 
     def raw(self, z: int) -> np.ndarray:
-        """(Y, X) raw slice in the stack's dtype."""
-        return self.stack.read_slice(z, self.channel, timepoint=self.timepoint)
+        """(Y, X) raw slice in the stack's dtype (read-only; memoised for the last few slices)."""
+        z = int(z)
+        plane = self._raw_memo.get(z)
+        if plane is not None:
+            self._raw_memo.move_to_end(z)
+            return plane
+        plane = self.stack.read_slice(z, self.channel, timepoint=self.timepoint)
+        self._remember_raw(z, plane)
+        return plane
+
+    def read_ahead(self, z_values: Sequence[int]) -> Iterator[int]:
+        """Yield each z of `z_values` in order, once its raw plane is in memory for `raw(z)`.
+
+        Planes are read with `Stack.read_slices`, which decompresses each .ims z-chunk once for all the
+        requested planes it holds (about 8x faster per plane than single reads on 32-slice chunks).
+        """
+        for z, plane in self.stack.read_slices([int(z) for z in z_values], self.channel, timepoint=self.timepoint):
+            self._remember_raw(z, plane)
+            yield z
+
+    def _remember_raw(self, z: int, plane: np.ndarray) -> None:
+        plane.flags.writeable = False  # shared between callers: nobody may change it in place
+        self._raw_memo[z] = plane
+        self._raw_memo.move_to_end(z)
+        while len(self._raw_memo) > self.raw_memo_slices:
+            self._raw_memo.popitem(last=False)
 
     def normalized(self, z: int) -> np.ndarray:
         """(Y, X) float32 in [0, 1]: the slice clipped and rescaled at its original size (for display/guides)."""
@@ -131,9 +159,14 @@ class SliceEmbedder:
     ) -> dict[int, np.ndarray]:
         """Embeddings of several slices; ``on_slice(done, total)`` after each; stops early when asked."""
         result: dict[int, np.ndarray] = {}
+        cached = self.cached_slices()
+        # Slices still to embed are read chunk-wise ahead; cached ones need no pixels at all.
+        planes = self.read_ahead([z for z in z_values if z not in cached])
         for index, z in enumerate(z_values):
             if should_stop is not None and should_stop():
                 break
+            if z not in cached:
+                next(planes)
             result[z] = self.embed(z)
             if on_slice is not None:
                 on_slice(index + 1, len(z_values))

@@ -266,3 +266,40 @@ def test_guided_upsampling_follows_image_edges_better_than_bilinear(tmp_path):
         mask = Scorer(build_prototype(embedder, points, config)).segment(embedder, 1).mask
         errors[upsampling] = int((mask != truth).sum())
     assert errors["guided"] < errors["bilinear"] / 2  # measured: 10 vs 156 pixels wrong
+
+
+def test_batch_reads_ims_planes_chunk_wise_and_gives_the_same_masks(tmp_path):
+    from helpers_io import write_ims
+
+    # 8 slices of thin lines in an .ims with 4-slice z-chunks: single-plane reads would decompress each
+    # chunk once per plane; the batch must read planes through read_slices instead.
+    volume = np.full((8, 140, 140), 100, np.uint16)
+    volume[:, :, 10::20] = 1000
+    volume[:, :, 11::20] = 1000
+    volume[3:, 60:80, :] = 1000
+    path = write_ims(tmp_path / "lines.ims", volume[None, None], chunks=(4, 32, 32))
+    points = PointSet(np.array([[11, 10, 0], [11, 90, 0]]), np.array([[20, 10, 0], [45, 120, 0]]))
+    best = PipelineConfig.best().with_options(image_size=140, augment_radius=0)
+
+    def run(memo_slices):
+        embedder = _embedder(path, best)
+        embedder.raw_memo_slices = memo_slices
+        prototype = build_prototype(embedder, points, best)
+        single_reads, group_reads = [], []
+        read_slice, read_slices = embedder.stack.read_slice, embedder.stack.read_slices
+        embedder.stack.read_slice = lambda z, *a, **k: single_reads.append(z) or read_slice(z, *a, **k)
+        embedder.stack.read_slices = lambda zs, *a, **k: group_reads.extend(zs) or read_slices(zs, *a, **k)
+        masks = {}
+        apply_prototype(embedder, prototype, list(range(8)), masks.__setitem__)
+        return masks, single_reads, group_reads
+
+    masks, single_reads, group_reads = run(memo_slices=4)
+    assert single_reads == []
+    assert sorted(group_reads) == sorted(list(range(8)) * 2)  # embed phase, then mask phase (no cache here)
+    # Without the memo every later use of a plane reads it again, one plane at a time; same masks.
+    masks_without_memo, single_reads_without_memo, _ = run(memo_slices=0)
+    assert len(single_reads_without_memo) >= 8
+    assert masks.keys() == masks_without_memo.keys()
+    for z in masks:
+        np.testing.assert_array_equal(masks[z], masks_without_memo[z])
+    assert masks[5][70].mean() > 0.9 and masks[1][70].mean() < 0.5
