@@ -4,9 +4,10 @@
     .venv/bin/python bench/make_results.py --render     # only re-render from the JSON in docs/results/
 
 Every number comes from `python -m core evaluate` runs on the real stacks in ../shared/data (the commands
-are printed in the report), with the offline `filterbank` backbone. The refinement table (docs/results/
-refine.md, from bench/report_refine.py) and the thesis experiments (docs/experiments/) are linked in.
-Takes a few hours on a 2-core CPU the first time (embeddings are cached in --cache afterwards).
+are printed in the report), with the offline `filterbank` backbone. The refinement table (job
+`refine_vesselnn`: bench/report_refine.py, which also writes docs/results/refine.md) is included, the
+thesis experiments (docs/experiments/) are linked. Takes several hours on a 2-core CPU the first time
+(embeddings are cached in --cache afterwards); `--only JOB ...` reruns single jobs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -83,7 +85,12 @@ def run(name: str, extra: list[str], out: Path, cache: str) -> None:
 
 
 def _short(text: str) -> str:
-    return text.replace(str(DATA), "../shared/data").replace(str(PROJECT) + "/", "").replace(sys.executable, ".venv/bin/python")
+    text = text.replace(str(DATA), "../shared/data").replace(str(PROJECT) + "/", "").replace(sys.executable, ".venv/bin/python")
+    # The DSB run names 30 images and 30 label files: show them as the shell expression that lists them.
+    for folder in ("images", "labels"):
+        text = re.sub(rf"(\.\./shared/data/dsb2018/{folder}/[0-9a-f]+\.png ?){{2,}}",
+                      f"$(ls ../shared/data/dsb2018/{folder}/*.png | head -30) ", text)
+    return text.replace(")  --", ") --").rstrip()
 
 
 def run_all(seeds: int, cache: str, only: list[str] | None) -> None:
@@ -100,6 +107,11 @@ def run_all(seeds: int, cache: str, only: list[str] | None) -> None:
         if only and key not in only:
             continue
         run(dataset, extra, RESULTS / f"{key}.json", cache)
+    if not only or "refine_vesselnn" in only:
+        command = [sys.executable, str(PROJECT / "bench" / "report_refine.py"), "--cache", cache,
+                   "--json", str(RESULTS / "refine.json"), "--md", str(RESULTS / "refine.md")]
+        print("$ " + " ".join(_short(c) for c in command), file=sys.stderr, flush=True)
+        subprocess.run(command, cwd=PROJECT, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 # ---- rendering -----------------------------------------------------------------------------------------
@@ -140,6 +152,12 @@ def render() -> str:
         "intensity at the positive and at the negative points, threshold halfway (transferred as that value).",
         "",
     ]
+    targets = _target_rows()
+    if targets:
+        lines += ["## Targets", "",
+                  "Best mode's targets (mean Dice and HD95 over slices, `filterbank`), measured below:", "",
+                  "| target | measured (best vs other) | |", "|---|---|---|", *targets, "",
+                  "Why the missed ones are missed, and what was tried: [method.md](method.md#what-did-not-work).", ""]
     for key, title in (("main_vesselnn", "vesselNN: 5 two-photon vessel stacks"),
                        ("main_isbi2012", "ISBI 2012: ssTEM membrane stack (structure = cell interior)"),
                        ("main_dsb2018", "DSB 2018: fluorescence nuclei (30 single images, 1 seed)")):
@@ -186,14 +204,61 @@ def render() -> str:
                          f"{_cell(entries['cross-file'], 'hd95_px', 0)} |")
         lines += ["", "Options as `--variant` specs: " + "; ".join(f"`{v}`" for v in {**ABLATION_ON_THESIS, **ABLATION_OFF_BEST}.values()),
                   "", f"Command: `{_short(payload.get('command', ''))}`", ""]
-    refine = PROJECT / "docs" / "results" / "refine.md"
-    lines += ["## U-Net refinement (thesis Table 4.3 analogue)", "",
-              (f"See [results/refine.md](results/refine.md)." if refine.exists() else "(not run)"), "",
+    lines += _refinement_section()
+    lines += [
               "## The thesis's experiments", "",
               "Backbone comparison, feature-space separability, point-count and threshold sensitivity and the transfer "
               "matrix: [experiments/](experiments/) (regenerate with `python -m core experiments all ...`, see "
               "[experiments.md](experiments.md)).", ""]
     return "\n".join(lines)
+
+
+def _refinement_section() -> list[str]:
+    """docs/results/refine.md (written by bench/report_refine.py) with its headings one level down."""
+    refine = RESULTS / "refine.md"
+    if not refine.exists():
+        return ["## U-Net refinement (thesis Table 4.3 analogue)", "", "(not run)", ""]
+    body = refine.read_text(encoding="utf-8").splitlines()
+    title = body[0].lstrip("# ").strip() if body and body[0].startswith("# ") else "U-Net refinement"
+    demoted = [("#" + line) if line.startswith("#") else line for line in body[1:]]
+    return [f"## {title}", "", "(from [results/refine.md](results/refine.md))", *demoted, ""]
+
+
+def _target_rows() -> list[str]:
+    """The quality targets of best mode (issue #5) against the measured means: one table row each."""
+    rows = []
+    vessel = _load("main_vesselnn")
+
+    def get(payload, method, setting, metric="dice"):
+        entry = _lookup(payload, method, setting) if payload else None
+        return None if entry is None else entry[metric]
+
+    def row(target, measured, met):
+        rows.append(f"| {target} | {measured} | {'met' if met else '**missed**'} |")
+
+    if vessel is not None:
+        for setting in ("same-file", "cross-file"):
+            best, thesis = get(vessel, "best", setting), get(vessel, "thesis", setting)
+            if best is not None and thesis is not None:
+                row(f"vesselNN {setting}: best ≥ thesis + 0.10 Dice", f"{best:.3f} vs {thesis:.3f} ({best - thesis:+.3f})",
+                    best - thesis >= 0.10)
+            hb, ht = get(vessel, "best", setting, "hd95_px"), get(vessel, "thesis", setting, "hd95_px")
+            if hb is not None and ht:
+                row(f"vesselNN {setting}: HD95 halved", f"{hb:.1f} vs {ht:.1f} px (×{hb / ht:.2f})", hb <= ht / 2)
+    for key, name in (("main_vesselnn", "vesselNN"), ("main_isbi2012", "ISBI 2012"), ("main_dsb2018", "DSB 2018")):
+        payload = _load(key)
+        if payload is None:
+            continue
+        for setting in ("same-slice", "same-file", "cross-file"):
+            best, thesis, base = (get(payload, m, setting) for m in ("best", "thesis", "intensity"))
+            if best is None:
+                continue
+            if thesis is not None:
+                row(f"{name} {setting}: not worse than thesis", f"{best:.3f} vs {thesis:.3f}", best >= thesis)
+            if base is not None:
+                row(f"{name} {setting}: best ≥ intensity baseline + 0.10 Dice", f"{best:.3f} vs {base:.3f} ({best - base:+.3f})",
+                    best - base >= 0.10)
+    return rows
 
 
 def _targets(payload: dict, settings: list[str]) -> str:
@@ -217,7 +282,7 @@ def main() -> None:
     parser.add_argument("--render", action="store_true", help="only render docs/RESULTS.md from existing JSON")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "protoscope" / "results-embeddings"))
-    parser.add_argument("--only", nargs="*", help="run only these jobs (main_vesselnn, main_isbi2012, main_dsb2018, ablation_vesselnn)")
+    parser.add_argument("--only", nargs="*", help="run only these jobs (main_vesselnn, main_isbi2012, main_dsb2018, ablation_vesselnn, refine_vesselnn)")
     args = parser.parse_args()
     if not args.render:
         if not DATA.is_dir():

@@ -217,7 +217,8 @@ def parse_variant(text: str) -> tuple[str, str, dict[str, str]]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from core.protocol import EvalStack, Method, ProtocolSettings, evaluate
+    from core.config import Mode
+    from core.protocol import BASELINES, EvalStack, Method, ProtocolSettings, evaluate
 
     if args.mask_channel is None and not args.mask_file:
         raise ProtoscopeError("give --mask-channel M (ground truth inside the stack) or --mask-file FILE ... (one per stack)")
@@ -233,6 +234,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         methods.append(Method(mode, PipelineConfig.for_mode(mode).with_options(**parse_option_assignments(args.option))))
     for text in args.variant or []:
         name, base, options = parse_variant(text)
+        if name in (*(m.value for m in Mode), *BASELINES) or name in [m.name for m in methods]:
+            raise ProtoscopeError(f"variant {text!r}: the name {name!r} is already taken (by a mode, a baseline or "
+                                  "another variant); results are reported by name, so choose another")
         methods.append(Method(name, PipelineConfig.for_mode(base).with_options(**options)))
     for baseline in args.baseline or []:
         methods.append(Method(baseline, None))

@@ -65,6 +65,10 @@ class Method:
     name: str
     config: PipelineConfig | None = None
 
+    @property
+    def is_otsu_baseline(self) -> bool:
+        return self.config is None and self.name == "otsu"
+
 
 @dataclass(frozen=True)
 class ProtocolSettings:
@@ -365,7 +369,7 @@ class _MethodRun:
             for z in z_values:
                 truth_mask = truth(z)
                 for seed in settings.seeds:
-                    if method.name == "otsu":
+                    if method.is_otsu_baseline:
                         if "same-slice" in settings.settings:
                             self.record("same-slice", _Reference(label, z, seed), spec, image, truth_mask,
                                         otsu_mask(image.read_slice(z, channel)), z)
@@ -377,7 +381,7 @@ class _MethodRun:
                     if z == reference_z[seed]:
                         references.append(ref)
             self.log(f"  {label}: same-slice done ({len(z_values)} slices x {len(settings.seeds)} seeds)")
-        if method.name == "otsu" or not ({"same-file", "cross-file"} & set(settings.settings)):
+        if method.is_otsu_baseline or not ({"same-file", "cross-file"} & set(settings.settings)):
             return
         scorers = [Scorer(ref.prototype) if ref.prototype is not None else None for ref in references]
         for spec, image, truth in self.opened:

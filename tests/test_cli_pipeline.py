@@ -118,3 +118,11 @@ def test_cli_errors_are_one_line(small_stack, tmp_path):
                          "--backbone", "dinov2_vits14", env_extra={"HF_HOME": str(tmp_path / "hf")})
     assert no_weights.returncode == 2
     assert "random" in no_weights.stderr and "Traceback" not in no_weights.stderr
+
+
+def test_evaluate_rejects_a_variant_named_like_a_baseline(small_stack):
+    # Results are reported by method name: a variant called 'otsu' would be confused with the Otsu baseline.
+    clash = run_cli("evaluate", small_stack, "--image-channel", "0", "--mask-channel", "1", "--backbone", "filterbank",
+                    "--variant", "otsu=best:threshold=otsu", "--baseline", "otsu")
+    assert clash.returncode == 2 and "Traceback" not in clash.stderr
+    assert "the name 'otsu' is already taken" in clash.stderr
