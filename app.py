@@ -9,7 +9,7 @@ from __future__ import annotations
 import streamlit as st
 
 from core.backbones import weights_status
-from core.config import PipelineConfig, Scoring, Upsampling
+from core.config import OPTION_NAMES, PipelineConfig, Scoring, Upsampling, parse_option_assignments
 from core.errors import ProtoscopeError
 from core.thresholds import ThresholdSpec
 from ui import home, layout, resources, settings, state
@@ -189,12 +189,32 @@ def mode_section() -> None:
                                   key=state.bind("home.opt_upsampling", "(mode default)"), on_change=state.store,
                                   args=("home.opt_upsampling",))
         options["upsampling"] = None if upsampling.startswith("(") else upsampling
+        normalization = st.selectbox("Intensity normalisation", ["(mode default)", "slice", "stack"],
+                                     key=state.bind("home.opt_normalization", "(mode default)"), on_change=state.store,
+                                     args=("home.opt_normalization",),
+                                     help="slice: percentiles of each slice (thesis); stack: one scale for the "
+                                          "whole stack, so transferred prototypes see the same intensities")
+        options["normalization"] = None if normalization.startswith("(") else normalization
+        classifier = st.selectbox("Pixel classifier", ["(mode default)", "none", "forest", "linear"],
+                                  key=state.bind("home.opt_pixel_classifier", "(mode default)"), on_change=state.store,
+                                  args=("home.opt_pixel_classifier",),
+                                  help="none: patch scores only; forest: random forest on per-pixel filter "
+                                       "features of the clicked pixels (best mode); linear: logistic regression, "
+                                       "faster and a little less accurate")
+        options["pixel_classifier"] = None if classifier.startswith("(") else classifier
         threshold = st.text_input("Default threshold (top:P, score:T, otsu, calibrated; blank = mode default)",
                                   key=state.bind("home.opt_threshold", ""), on_change=state.store,
                                   args=("home.opt_threshold",)).strip()
         if threshold:
             ThresholdSpec.parse(threshold)  # ThresholdError says how to write it
         options["threshold"] = threshold or None
+        more = st.text_area(
+            "More options (one name=value per line)", key=state.bind("home.opt_more", ""), on_change=state.store,
+            args=("home.opt_more",), placeholder="z_sigma=1\nhole_size_px=20\nmin_size_px=20",
+            help="Any option of `python -m core ... --option`: " + ", ".join(OPTION_NAMES) + ". z_sigma (Gaussian "
+                 "smoothing of the scores along z, in slices) acts in Batch; the clean-up (hole_size_px, "
+                 "min_size_px, closing_px, in pixels) acts everywhere. See docs/method.md.")
+        options.update(parse_option_assignments([line for line in more.splitlines() if line.strip()]))
         # only what differs from the mode's defaults, so the mode's own (tuned) values stay in charge
         if options["negative_weight"] == base.negative_weight:
             options["negative_weight"] = None

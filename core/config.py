@@ -196,7 +196,8 @@ class PipelineConfig:
             parts.append(f"pixels={self.pixel_classifier}(max_side={self.pixel_max_side},r={self.augment_radius}"
                          + (f",patch_pcs={self.patch_components}" if self.patch_components else "") + ")")
         if self.cleanup.active:
-            parts.append(f"cleanup={dataclasses.asdict(self.cleanup)}")
+            parts.append("cleanup(" + ",".join(f"{name}={value}" for name, value in dataclasses.asdict(self.cleanup).items()
+                                               if value) + ")")
         return " ".join(parts)
 
 

@@ -165,3 +165,18 @@ def test_advanced_options_change_only_what_was_changed(app):
     assert app.slider(key="_w.home.opt_lambda").value == thesis
     assert app.session_state["home.options"]["negative_weight"] is None
     assert f"mode=thesis norm=slice size=980 λ={thesis:g}" in " ".join(texts(app, "caption"))
+
+
+def test_every_option_can_be_switched_on_the_home_page(app):
+    app.selectbox(key="_w.home.opt_pixel_classifier").set_value("linear").run()
+    app.selectbox(key="_w.home.opt_normalization").set_value("slice").run()
+    app.text_area(key="_w.home.opt_more").input("z_sigma=1\nmin_size_px=20\n").run()
+    assert not app.error
+    caption = " ".join(texts(app, "caption"))
+    assert "mode=best norm=slice" in caption and "z_sigma=1" in caption
+    assert "pixels=linear(" in caption and "cleanup(min_size_px=20)" in caption
+    app.text_area(key="_w.home.opt_more").input("z_sigma 1").run()
+    assert any("must look like name=value" in text for text in texts(app, "error"))
+    app.text_area(key="_w.home.opt_more").input("colour=red").run()
+    assert any("unknown pipeline option 'colour'" in text for text in texts(app, "error"))
+    assert not app.exception
