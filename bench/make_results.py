@@ -99,7 +99,7 @@ def run_all(seeds: int, cache: str, only: list[str] | None) -> None:
         "main_vesselnn": ("vesselnn", ["--mode", "thesis", "best", "--baseline", "otsu", "intensity", "--seeds", str(seeds)]),
         "main_isbi2012": ("isbi2012", ["--mode", "thesis", "best", "--baseline", "otsu", "intensity", "--seeds", str(seeds)]),
         "main_dsb2018": ("dsb2018", ["--mode", "thesis", "best", "--baseline", "otsu", "intensity", "--seeds", "1"]),
-        "ablation_vesselnn": ("vesselnn", ["--mode", "thesis", "--seeds", "1",
+        "ablation_vesselnn": ("vesselnn", ["--mode", "thesis", "best", "--seeds", "1",
                                            *[a for label, spec in {**ABLATION_ON_THESIS, **ABLATION_OFF_BEST}.items()
                                              for a in ("--variant", f"{label}={spec}")]]),
     }
@@ -194,7 +194,7 @@ def render() -> str:
     else:
         lines += ["| variant | same-slice Dice | same-file Dice | same-file HD95 px | cross-file Dice | cross-file HD95 px |",
                   "|---|---|---|---|---|---|"]
-        methods = ["thesis", *ABLATION_ON_THESIS, *ABLATION_OFF_BEST]
+        methods = ["thesis", *ABLATION_ON_THESIS, "best", *ABLATION_OFF_BEST]
         for method in methods:
             entries = {s: _lookup(payload, method, s) for s in ("same-slice", "same-file", "cross-file")}
             if not any(entries.values()):
