@@ -7,6 +7,7 @@ never re-embeds) and otherwise computes and stores them.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
@@ -72,6 +73,7 @@ class SliceEmbedder:
         # Recently read raw planes: one slice is read for its embedding, its pixel features and its guide,
         # and a single-plane read of a chunked .ims decompresses whole z-chunks (see `read_ahead`).
         self._raw_memo: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._raw_memo_lock = threading.Lock()  # the app reads slices from a warm-up thread too
         self.raw_memo_slices = 4
 
     @property
@@ -98,10 +100,11 @@ class SliceEmbedder:
     def raw(self, z: int) -> np.ndarray:
         """(Y, X) raw slice in the stack's dtype (read-only; memoised for the last few slices)."""
         z = int(z)
-        plane = self._raw_memo.get(z)
-        if plane is not None:
-            self._raw_memo.move_to_end(z)
-            return plane
+        with self._raw_memo_lock:
+            plane = self._raw_memo.get(z)
+            if plane is not None:
+                self._raw_memo.move_to_end(z)
+                return plane
         plane = self.stack.read_slice(z, self.channel, timepoint=self.timepoint)
         self._remember_raw(z, plane)
         return plane
@@ -118,10 +121,11 @@ class SliceEmbedder:
 
     def _remember_raw(self, z: int, plane: np.ndarray) -> None:
         plane.flags.writeable = False  # shared between callers: nobody may change it in place
-        self._raw_memo[z] = plane
-        self._raw_memo.move_to_end(z)
-        while len(self._raw_memo) > self.raw_memo_slices:
-            self._raw_memo.popitem(last=False)
+        with self._raw_memo_lock:
+            self._raw_memo[z] = plane
+            self._raw_memo.move_to_end(z)
+            while len(self._raw_memo) > self.raw_memo_slices:
+                self._raw_memo.popitem(last=False)
 
     def normalized(self, z: int) -> np.ndarray:
         """(Y, X) float32 in [0, 1]: the slice clipped and rescaled at its original size (for display/guides)."""
