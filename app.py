@@ -214,12 +214,18 @@ def mode_section() -> None:
             help="Any option of `python -m core ... --option`: " + ", ".join(OPTION_NAMES) + ". z_sigma (Gaussian "
                  "smoothing of the scores along z, in slices) acts in Batch; the clean-up (hole_size_px, "
                  "min_size_px, closing_px, in pixels) acts everywhere. See docs/method.md.")
-        options.update(parse_option_assignments([line for line in more.splitlines() if line.strip()]))
+        extra = parse_option_assignments([line for line in more.splitlines() if line.strip()])
+        owned = sorted(set(extra) & set(options))
+        if owned:
+            raise ProtoscopeError(f"set {', '.join(owned)} with {'its' if len(owned) == 1 else 'their'} own control "
+                                  "above, not in 'More options'")
+        options.update(extra)
         # only what differs from the mode's defaults, so the mode's own (tuned) values stay in charge
         if options["negative_weight"] == base.negative_weight:
             options["negative_weight"] = None
         if options["scoring"] == base.scoring.value:
             options["scoring"] = None
+        base.with_options(**{k: v for k, v in options.items() if v not in (None, "")})  # a bad value stops here
         state.put("home.options", options)
     config = resources.pipeline_config()
     st.caption(f"Active: {config.describe()}")

@@ -219,8 +219,9 @@ def _refinement_section() -> list[str]:
     if not refine.exists():
         return ["## U-Net refinement (thesis Table 4.3 analogue)", "", "(not run)", ""]
     body = refine.read_text(encoding="utf-8").splitlines()
-    title = body[0].lstrip("# ").strip() if body and body[0].startswith("# ") else "U-Net refinement"
-    demoted = [("#" + line) if line.startswith("#") else line for line in body[1:]]
+    has_title = bool(body) and body[0].startswith("# ")
+    title = body[0].lstrip("# ").strip() if has_title else "U-Net refinement"
+    demoted = [("#" + line) if line.startswith("#") else line for line in body[1 if has_title else 0:]]
     return [f"## {title}", "", "(from [results/refine.md](results/refine.md))", *demoted, ""]
 
 
@@ -231,7 +232,8 @@ def _target_rows() -> list[str]:
 
     def get(payload, method, setting, metric="dice"):
         entry = _lookup(payload, method, setting) if payload else None
-        return None if entry is None else entry[metric]
+        value = None if entry is None else entry.get(metric)
+        return None if value is None or value != value else value  # absent or NaN
 
     def row(target, measured, met):
         rows.append(f"| {target} | {measured} | {'met' if met else '**missed**'} |")

@@ -105,6 +105,18 @@ def z_smoothed(maps: dict[int, np.ndarray], z: int, sigma: float, n_slices: int)
     return (np.tensordot(weights, stacked, axes=1) / weights.sum()).astype(np.float32)
 
 
+def _first_needed(z_values: Sequence[int], sigma: float, n_slices: int) -> list[int]:
+    """The slices whose score maps `apply_prototype` makes, in the order it first makes them."""
+    seen: set[int] = set()
+    order = []
+    for z in z_values:
+        for k in neighbourhood(z, sigma, n_slices):
+            if k not in seen:
+                seen.add(k)
+                order.append(k)
+    return order
+
+
 def apply_prototype(
     embedder: "SliceEmbedder",
     prototype: Prototype,
@@ -138,26 +150,36 @@ def apply_prototype(
         needed = sorted({k for z in z_values for k in neighbourhood(z, config.z_sigma, embedder.n_slices)})
         todo = [z for z in needed if z not in embedder.cached_slices()] if embedder.cache is not None else needed
         start = time.perf_counter()
-        for index, z in enumerate(embedder.read_ahead(todo)):
+        reads = embedder.plan_reads(todo)
+        for index, z in enumerate(todo):
             if should_stop is not None and should_stop():
                 result.cancelled = True
                 result.seconds = time.perf_counter() - started
                 return result
+            reads.ready(z)
             embedder.embed(z)
             if on_progress is not None:
                 on_progress("embed", index + 1, len(todo), _eta(start, index + 1, len(todo)))
     maps: dict[int, np.ndarray] = {}
     start = time.perf_counter()
-    # Pixel features and guided upsampling need the raw planes again: read them chunk-wise.
-    needs_raw = scorer.pixel_level or config.upsampling is Upsampling.GUIDED
-    for index, z in enumerate(embedder.read_ahead(z_values) if needs_raw else z_values):
+    # Pixel scores need each slice's pixels when its score map is made (z neighbours first, with z_sigma);
+    # patch scores need them only for the guide of guided upsampling. Read them chunk-wise in that order.
+    if scorer.pixel_level:
+        reads = embedder.plan_reads(_first_needed(z_values, config.z_sigma, embedder.n_slices))
+    else:
+        reads = embedder.plan_reads(z_values if config.upsampling is Upsampling.GUIDED else [])
+    for index, z in enumerate(z_values):
         if should_stop is not None and should_stop():
             result.cancelled = True
             break
         window = neighbourhood(z, config.z_sigma, embedder.n_slices)
         for k in window:
             if k not in maps:
+                if scorer.pixel_level:
+                    reads.ready(k)
                 maps[k] = scorer.score_map(embedder, k)
+        if not scorer.pixel_level:
+            reads.ready(z)
         segmentation = scorer.segment(embedder, z, z_smoothed(maps, z, config.z_sigma, embedder.n_slices), threshold=threshold)
         sink(z, segmentation.mask)
         result.area_px.append(int(segmentation.mask.sum()))

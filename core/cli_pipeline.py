@@ -230,7 +230,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         for i, path in enumerate(args.stacks)
     ]
     methods: list[Method] = []
-    for mode in args.mode:
+    for mode in dict.fromkeys(args.mode):  # a repeated name would be one row of the report anyway
         methods.append(Method(mode, PipelineConfig.for_mode(mode).with_options(**parse_option_assignments(args.option))))
     for text in args.variant or []:
         name, base, options = parse_variant(text)
@@ -238,7 +238,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise ProtoscopeError(f"variant {text!r}: the name {name!r} is already taken (by a mode, a baseline or "
                                   "another variant); results are reported by name, so choose another")
         methods.append(Method(name, PipelineConfig.for_mode(base).with_options(**options)))
-    for baseline in args.baseline or []:
+    for baseline in dict.fromkeys(args.baseline or []):
         methods.append(Method(baseline, None))
     pipeline_methods = [m for m in methods if m.config is not None]
     if not methods:
@@ -269,7 +269,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "summary": result.summary(),
             "transfer": {
                 f"{m.name}|{b.spec.name if b else '-'}": _matrix_json(result.transfer_matrix(m.name, b.spec.name if b else "-"))
-                for m in methods if m.name != "otsu" for b in (backbones if m.config else [None])
+                for m in methods if not m.is_otsu_baseline for b in (backbones if m.config else [None])
             },
             "seconds": result.seconds,
         }

@@ -8,7 +8,7 @@ never re-embeds) and otherwise computes and stores them.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
@@ -119,7 +119,13 @@ class SliceEmbedder:
             self._remember_raw(z, plane)
             yield z
 
+    def plan_reads(self, order: Sequence[int]) -> "PlannedReads":
+        """Read the planes of `order` chunk-wise, each just before it is needed (see `PlannedReads`)."""
+        return PlannedReads(self, order)
+
     def _remember_raw(self, z: int, plane: np.ndarray) -> None:
+        if plane.base is not None and plane.base.nbytes > plane.nbytes:
+            plane = plane.copy()  # a view into a read block would keep the whole block alive
         plane.flags.writeable = False  # shared between callers: nobody may change it in place
         with self._raw_memo_lock:
             self._raw_memo[z] = plane
@@ -164,13 +170,12 @@ class SliceEmbedder:
         """Embeddings of several slices; ``on_slice(done, total)`` after each; stops early when asked."""
         result: dict[int, np.ndarray] = {}
         cached = self.cached_slices()
-        # Slices still to embed are read chunk-wise ahead; cached ones need no pixels at all.
-        planes = self.read_ahead([z for z in z_values if z not in cached])
+        # Slices still to embed are read chunk-wise; cached ones need no pixels at all.
+        reads = self.plan_reads([z for z in z_values if z not in cached])
         for index, z in enumerate(z_values):
             if should_stop is not None and should_stop():
                 break
-            if z not in cached:
-                next(planes)
+            reads.ready(z)
             result[z] = self.embed(z)
             if on_slice is not None:
                 on_slice(index + 1, len(z_values))
@@ -201,3 +206,22 @@ class SliceEmbedder:
             z_values = np.unique(np.linspace(0, self.n_slices - 1, count).round().astype(int))
             self._pixel_stats[max_side] = feature_statistics([self.pixel_filters(int(z), max_side) for z in z_values])
         return self._pixel_stats[max_side]
+
+
+class PlannedReads:
+    """Raw planes read chunk-wise in a known order, each one made ready just before it is needed.
+
+    Call ``ready(z)`` before the work that needs slice z's pixels: when z is the next slice of the plan,
+    its plane (and, on the first plane of an .ims z-chunk, the rest of that chunk's planned planes) is
+    read into the embedder's raw-plane memo. Slices off the plan are left to ``SliceEmbedder.raw``, which
+    reads one plane; so a plan that turns out wrong costs speed, never correctness.
+    """
+
+    def __init__(self, embedder: SliceEmbedder, order: Sequence[int]) -> None:
+        self._order = deque(int(z) for z in order)
+        self._planes = embedder.read_ahead(list(self._order))
+
+    def ready(self, z: int) -> None:
+        if self._order and self._order[0] == int(z):
+            self._order.popleft()
+            next(self._planes)

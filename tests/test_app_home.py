@@ -179,4 +179,9 @@ def test_every_option_can_be_switched_on_the_home_page(app):
     assert any("must look like name=value" in text for text in texts(app, "error"))
     app.text_area(key="_w.home.opt_more").input("colour=red").run()
     assert any("unknown pipeline option 'colour'" in text for text in texts(app, "error"))
+    app.text_area(key="_w.home.opt_more").input("scoring=knn").run()
+    assert any("set scoring with its own control above" in text for text in texts(app, "error"))
+    # A bad entry is refused before it is stored: the last valid options stay in force.
+    assert app.session_state["home.options"]["z_sigma"] == "1"
+    assert "colour" not in app.session_state["home.options"]
     assert not app.exception

@@ -281,16 +281,18 @@ def test_batch_reads_ims_planes_chunk_wise_and_gives_the_same_masks(tmp_path):
     points = PointSet(np.array([[11, 10, 0], [11, 90, 0]]), np.array([[20, 10, 0], [45, 120, 0]]))
     best = PipelineConfig.best().with_options(image_size=140, augment_radius=0)
 
-    def run(memo_slices):
-        embedder = _embedder(path, best)
+    def run(memo_slices, config=best):
+        embedder = _embedder(path, config)
         embedder.raw_memo_slices = memo_slices
-        prototype = build_prototype(embedder, points, best)
+        prototype = build_prototype(embedder, points, config)
         single_reads, group_reads = [], []
         read_slice, read_slices = embedder.stack.read_slice, embedder.stack.read_slices
         embedder.stack.read_slice = lambda z, *a, **k: single_reads.append(z) or read_slice(z, *a, **k)
         embedder.stack.read_slices = lambda zs, *a, **k: group_reads.extend(zs) or read_slices(zs, *a, **k)
         masks = {}
         apply_prototype(embedder, prototype, list(range(8)), masks.__setitem__)
+        # The memo holds its own planes, not views that would keep a whole read block alive.
+        assert all(plane.base is None or plane.base.nbytes == plane.nbytes for plane in embedder._raw_memo.values())
         return masks, single_reads, group_reads
 
     masks, single_reads, group_reads = run(memo_slices=4)
@@ -303,3 +305,7 @@ def test_batch_reads_ims_planes_chunk_wise_and_gives_the_same_masks(tmp_path):
     for z in masks:
         np.testing.assert_array_equal(masks[z], masks_without_memo[z])
     assert masks[5][70].mean() > 0.9 and masks[1][70].mean() < 0.5
+    # With z smoothing the score maps of the z neighbours are made first; they are read chunk-wise too.
+    smoothed = best.with_options(z_sigma=1)
+    masks, single_reads, group_reads = run(memo_slices=4, config=smoothed)
+    assert single_reads == [] and sorted(group_reads) == sorted(list(range(8)) * 2)
