@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -90,6 +91,8 @@ def _short(text: str) -> str:
     for folder in ("images", "labels"):
         text = re.sub(rf"(\.\./shared/data/dsb2018/{folder}/[0-9a-f]+\.png ?){{2,}}",
                       f"$(ls ../shared/data/dsb2018/{folder}/*.png | head -30) ", text)
+    # Variant specs contain spaces: quote them so that the command can be pasted into a shell.
+    text = re.sub(r"--variant (.*?)(?= --|$)", lambda match: "--variant " + shlex.quote(match.group(1)), text)
     return text.replace(")  --", ") --").rstrip()
 
 
@@ -192,16 +195,27 @@ def render() -> str:
     if payload is None:
         lines += ["(not run)", ""]
     else:
-        lines += ["| variant | same-slice Dice | same-file Dice | same-file HD95 px | cross-file Dice | cross-file HD95 px |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["Rows starting with + add one option to thesis mode; rows starting with best change one option of "
+                  "best mode. Δ = Dice difference to the row's base (thesis or best) in the same run.", "",
+                  "| variant | same-slice Dice | same-file Dice | same-file HD95 px | cross-file Dice | cross-file HD95 px "
+                  "| Δ same-file | Δ cross-file |",
+                  "|---|---|---|---|---|---|---|---|"]
         methods = ["thesis", *ABLATION_ON_THESIS, "best", *ABLATION_OFF_BEST]
         for method in methods:
             entries = {s: _lookup(payload, method, s) for s in ("same-slice", "same-file", "cross-file")}
             if not any(entries.values()):
                 continue
+            base = "best" if method.startswith("best") else "thesis"
+            deltas = []
+            for setting in ("same-file", "cross-file"):
+                reference = _lookup(payload, base, setting)
+                if method == base or entries[setting] is None or reference is None:
+                    deltas.append("")
+                else:
+                    deltas.append(f"{entries[setting]['dice'] - reference['dice']:+.3f}")
             lines.append(f"| {method} | {_cell(entries['same-slice'], 'dice')} | {_cell(entries['same-file'], 'dice')} | "
                          f"{_cell(entries['same-file'], 'hd95_px', 0)} | {_cell(entries['cross-file'], 'dice')} | "
-                         f"{_cell(entries['cross-file'], 'hd95_px', 0)} |")
+                         f"{_cell(entries['cross-file'], 'hd95_px', 0)} | {deltas[0]} | {deltas[1]} |")
         lines += ["", "Options as `--variant` specs: " + "; ".join(f"`{v}`" for v in {**ABLATION_ON_THESIS, **ABLATION_OFF_BEST}.values()),
                   "", f"Command: `{_short(payload.get('command', ''))}`", ""]
     lines += _refinement_section()

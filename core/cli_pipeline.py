@@ -6,6 +6,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -259,7 +260,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"per-slice results: {csv_path}", file=sys.stderr)
     if args.json:
         payload = {
-            "command": "python -m core " + " ".join(sys.argv[1:]),
+            "command": "python -m core " + shlex.join(sys.argv[1:]),
             "stacks": result.stacks,
             "slices": result.slices,
             "notes": result.notes,
