@@ -22,16 +22,7 @@ Z = 12
 
 @pytest.fixture
 def app(tmp_path_factory, monkeypatch, tmp_path):
-    env = testing.app_environment(tmp_path_factory.getbasetemp())
-    env["PROTOSCOPE_OUTPUT_DIR"] = str(tmp_path / "out")
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    at = testing.open_demo(testing.new_app(timeout=300))
-    testing.goto(at, "segment")
-    positive, negative = testing.seed_points(testing.demo_truth(Z))
-    testing.click(at, positive, "positive")
-    testing.click(at, negative, "negative")
-    at.button(key="segment.save").click().run()
+    at = testing.demo_with_saved_prototype(tmp_path_factory.getbasetemp(), tmp_path / "out", monkeypatch, Z)
     return testing.goto(at, "batch")
 
 

@@ -35,13 +35,7 @@ from core.refine import (
 TINY = dict(input_size=32, base_channels=4, augment=False)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny nets run faster on one thread, and the 2-core test machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 def disk(size: int, cy: float, cx: float, radius: float) -> np.ndarray:

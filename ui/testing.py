@@ -115,3 +115,21 @@ def click(at, points_xy: Sequence[tuple[int, int]], label: str = "positive", sli
     display = render.display_size(slice_shape)
     at.session_state[key] = canvas.click_value(points_xy, display, slice_shape, existing=existing)
     return at.run()
+
+
+def demo_with_saved_prototype(base: Path, output_dir: Path, monkeypatch, z: int):
+    """The app on the demo after two positive and two negative clicks on slice ``z`` and *Save prototype*.
+
+    ``base`` holds the shared test environment (cache, HF home), ``output_dir`` the server-side results;
+    ``monkeypatch`` sets the environment for this test only.
+    """
+    env = app_environment(base)
+    env["PROTOSCOPE_OUTPUT_DIR"] = str(output_dir)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    at = goto(open_demo(new_app(timeout=300)), "segment")
+    positive, negative = seed_points(demo_truth(z))
+    click(at, positive, "positive")
+    click(at, negative, "negative")
+    at.button(key="segment.save").click().run()
+    return at
