@@ -148,7 +148,8 @@ def apply_prototype(
     needs_patches = not scorer.pixel_level or prototype.pixel_projection is not None
     if needs_patches:
         needed = sorted({k for z in z_values for k in neighbourhood(z, config.z_sigma, embedder.n_slices)})
-        todo = [z for z in needed if z not in embedder.cached_slices()] if embedder.cache is not None else needed
+        cached = embedder.cached_slices()  # one look into the cache file (empty set without a cache)
+        todo = [z for z in needed if z not in cached]
         start = time.perf_counter()
         reads = embedder.plan_reads(todo)
         for index, z in enumerate(todo):

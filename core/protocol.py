@@ -224,7 +224,7 @@ def evaluated_slices(spec: EvalStack, image: Stack, truth: "TruthReader", settin
         z_values, note = select_slices(image.shape[0], settings.n_slices, settings.skip_ends)
         if note:
             notes.append(f"{spec.label}: {note}")
-    keep = [z for z in z_values if 0 < truth(z).sum() < truth(z).size]
+    keep = [z for z in z_values if 0 < (plane := truth(z)).sum() < plane.size]  # one read per slice
     if len(keep) < len(z_values):
         notes.append(f"{spec.label}: {len(z_values) - len(keep)} slices without both structure and background skipped")
     if not keep:

@@ -26,15 +26,15 @@ import numpy as np
 
 from core.batch import neighbourhood, z_smoothed
 from core.config import PipelineConfig
+from core import pixels
 from core.embedding import SliceEmbedder
 from core.errors import ProtoscopeError
 from core.io import Stack, open_stack
 from core.pipeline import Scorer, build_prototype
 from core.preprocess import intensity_range, rescale, resize
-from core.protocol import EvalStack, TruthReader, default_margin
-from core.prototypes import PointSet, Prototype
+from core.protocol import EvalStack, TruthReader, default_margin, protocol_points
+from core.prototypes import Prototype
 from core.refine import RefineSample
-from core.sampling import sample_points
 
 #: Percentiles (%) the raw channel is clipped to, per slice (thesis §3.3).
 RAW_CLIP_PERCENTILES: tuple[float, float] = (5.0, 95.0)
@@ -90,10 +90,9 @@ def working_shape(shape: tuple[int, int], max_side: int | None) -> tuple[int, in
     >>> working_shape((3000, 1500), 1024)
     (1024, 512)
     """
-    if max_side is None or max(shape) <= max_side:
+    if max_side is None:
         return int(shape[0]), int(shape[1])
-    scale = max_side / max(shape)
-    return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
+    return pixels.working_shape(shape, max_side)
 
 
 def _shrink(image: np.ndarray | None, shape: tuple[int, int], *, binary: bool = False) -> np.ndarray | None:
@@ -121,7 +120,10 @@ def slice_sample(
         (bilinear with antialiasing for raw and heatmap, nearest for mask and truth; see ``working_shape``).
     """
     heatmap, mask = maps(z) if maps is not None else (None, None)
-    raw = raw01(stack.read_slice(z, channel), clip_percentiles)
+    same_plane = maps is not None and maps.embedder.stack is stack and maps.embedder.channel == stack.resolve_channel(channel)
+    # the heatmap has just read this plane into the embedder's memo: no second read
+    plane = maps.embedder.raw(z) if same_plane else stack.read_slice(z, channel)
+    raw = raw01(plane, clip_percentiles)
     shape = working_shape(raw.shape, max_side)
     return RefineSample(raw=np.clip(_shrink(raw, shape), 0.0, 1.0), heatmap=_shrink(heatmap, shape),
                         mask=_shrink(mask, shape, binary=True), truth=_shrink(truth, shape, binary=True),
@@ -194,12 +196,7 @@ def same_slice_prototype(
     """
     if margin_px is None:
         margin_px = default_margin(embedder.slice_shape, config)
-    sampled = sample_points(truth, n_points, n_points, margin_px=margin_px, seed=seed * 100_003 + z)
-    points = PointSet(
-        np.column_stack([sampled.positive_xy, np.full(len(sampled.positive_xy), z)]),
-        np.column_stack([sampled.negative_xy, np.full(len(sampled.negative_xy), z)]),
-    )
-    return build_prototype(embedder, points, config, seed=seed)
+    return build_prototype(embedder, protocol_points(truth, z, seed, n_points, margin_px), config, seed=seed)
 
 
 def same_slice_samples(
