@@ -14,8 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 #: Largest number of pixels per slice used to estimate percentiles (a strided subsample beyond this;
 #: the percentiles of a 9-Mpixel slice move by far less than one grey level).
@@ -114,6 +112,10 @@ def resize(image: np.ndarray, shape: tuple[int, int], *, mode: str = "bilinear")
     """
     if tuple(image.shape) == tuple(shape):
         return np.asarray(image, dtype=np.float32)
+    # imported here, not at module top: the CLI's config and info commands need no torch (2 s to import)
+    import torch
+    import torch.nn.functional as F
+
     tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
     if mode == "nearest":
         out = F.interpolate(tensor, size=tuple(shape), mode="nearest-exact")
