@@ -367,6 +367,16 @@ def _positive(values: Sequence[float | None]) -> bool:
     return all(v is not None and np.isfinite(v) and v > 0 for v in values)
 
 
+def stack_label(path: str | Path) -> str:
+    """The name a stack goes by in models, reports and output files: its file name without extensions
+    ('a.ome.tif' -> 'a', 'b.ims' -> 'b')."""
+    name = Path(path).name
+    for suffix in (".ome.tif", ".ome.tiff"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
 def natural_sort_key(name: str) -> list[Any]:
     """Sort key in which digit runs compare as numbers: 'img2' < 'img10'."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name.lower())]

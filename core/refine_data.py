@@ -29,7 +29,7 @@ from core.config import PipelineConfig
 from core import pixels
 from core.embedding import SliceEmbedder
 from core.errors import ProtoscopeError
-from core.io import Stack, open_stack
+from core.io import Stack, open_stack, stack_label  # noqa: F401 - stack_label is part of this module's API
 from core.pipeline import Scorer, build_prototype
 from core.preprocess import intensity_range, rescale, resize
 from core.protocol import EvalStack, TruthReader, default_margin, protocol_points
@@ -279,12 +279,3 @@ def split_by_stack(samples: Sequence[RefineSample], stack_id: str) -> tuple[list
             "give at least two stacks for --val-stack, or use --val-fraction"
         )
     return train, val
-
-
-def stack_label(path: str | Path) -> str:
-    """The name a stack goes by in models and reports: its file name without extensions."""
-    name = Path(path).name
-    for suffix in (".ome.tif", ".ome.tiff"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from ui import canvas, layout, render, resources, segment, settings, state
+from core.io import stack_label
+from ui import canvas, layout, render, resources, segment, state
 
 
 def threshold_state(ctx: resources.Context) -> None:
@@ -166,7 +167,7 @@ def mask_summary(ctx: resources.Context, view: segment.View, z: int) -> None:
     mask = view.segmentation.mask
     voxel = ctx.stack.voxel_size
     st.download_button("Download this slice's mask (TIFF)", data=lambda: segment.mask_tiff_bytes(mask, voxel),
-                       file_name=f"{settings.stack_stem(ctx.stack.path)}_z{z}_mask.tif", mime="image/tiff",
+                       file_name=f"{stack_label(ctx.stack.path)}_z{z}_mask.tif", mime="image/tiff",
                        key="segment.download_mask", on_click="ignore")
 
 

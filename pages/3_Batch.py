@@ -97,7 +97,7 @@ def run_controls(ctx: resources.Context) -> None:
     else:
         done = "no patch embeddings needed (best mode's pixel classifier reads filter features of the slices)"
     st.caption(f"{len(z_values)} slice(s) of {stack.name}; {done}; the per-slice areas are always written as CSV. "
-               f"Output folder: `{settings.output_dir(stack.path)}`")
+               f"Output folder: `{settings.output_dir(stack.path, create=False)}`")
     if st.button("Run batch", type="primary", key="batch.run"):
         execute(embedder, prototype, name, z_values, formats, threshold, embeds)
     elif state.get("batch.running"):

@@ -257,7 +257,7 @@ def apply_controls(ctx: resources.Context) -> None:
                          args=("refine.apply_z",))
     z_values = parse_z_spec(text, ctx.n_slices)
     st.caption(f"{len(z_values)} slice(s); masks are written as a multi-page TIFF (and the areas as CSV) to "
-               f"`{settings.output_dir(ctx.stack.path)}`")
+               f"`{settings.output_dir(ctx.stack.path, create=False)}`")
     if st.button("Refine these slices", type="primary", key="refine.apply"):
         cancel = st.empty()
         cancel.button("Cancel", key="refine.apply_cancel", help="Stops now; nothing is written")

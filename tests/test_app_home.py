@@ -185,3 +185,15 @@ def test_every_option_can_be_switched_on_the_home_page(app):
     assert app.session_state["home.options"]["z_sigma"] == "1"
     assert "colour" not in app.session_state["home.options"]
     assert not app.exception
+
+
+def test_output_folder_is_shown_without_being_created(tmp_path, monkeypatch):
+    from ui import settings
+
+    monkeypatch.delenv("PROTOSCOPE_OUTPUT_DIR", raising=False)
+    stack = tmp_path / "data" / "a.ims"
+    stack.parent.mkdir()
+    expected = stack.parent / settings.OUTPUT_FOLDER
+    assert settings.output_dir(stack, root=tmp_path, create=False) == expected
+    assert not expected.exists()  # only naming where results will go writes nothing
+    assert settings.output_dir(stack, root=tmp_path) == expected and expected.is_dir()

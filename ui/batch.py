@@ -18,6 +18,7 @@ import numpy as np
 from core.batch import MaskVolume, apply_prototype
 from core.embedding import SliceEmbedder
 from core.errors import ProtoscopeError
+from core.io import stack_label
 from core.mask_writers import atomic_output, write_masks
 from core.prototypes import Prototype
 from core.thresholds import ThresholdSpec
@@ -56,7 +57,7 @@ def safe_name(text: str) -> str:
 
 def base_name(stack_path: Path, prototype_name: str) -> str:
     """'<stack>_<prototype>_<YYYYmmdd-HHMMSS>' for the output files."""
-    return f"{safe_name(settings.stack_stem(stack_path))}_{safe_name(prototype_name)}_{time.strftime('%Y%m%d-%H%M%S')}"
+    return f"{safe_name(stack_label(stack_path))}_{safe_name(prototype_name)}_{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def montage_slices(z_values: list[int], count: int = 12) -> list[int]:

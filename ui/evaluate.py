@@ -7,6 +7,7 @@ from typing import Callable
 
 from core.config import PipelineConfig
 from core.errors import ProtoscopeError
+from core.io import stack_label
 from core.protocol import BASELINES, EvalStack, EvaluationResult, Method, ProtocolSettings, evaluate
 from core.zspec import parse_z_spec
 from ui import resources, settings
@@ -77,7 +78,7 @@ def run(
     if not protocol_settings:
         raise ProtoscopeError("choose at least one setting (same-slice, same-file)")
     stack = EvalStack(Path(ctx.sample.path), ctx.channel, mask_channel=truth.channel,
-                      mask_path=Path(truth.path) if truth.path else None, name=settings.stack_stem(Path(ctx.sample.path)))
+                      mask_path=Path(truth.path) if truth.path else None, name=stack_label(Path(ctx.sample.path)))
     protocol = ProtocolSettings(n_points=int(n_points), seeds=tuple(range(int(n_seeds))), n_slices=int(n_slices),
                                 skip_ends=int(skip_ends), settings=tuple(protocol_settings),
                                 z_values=tuple(int(z) for z in z_values) if z_values is not None else None)

@@ -421,7 +421,7 @@ def describe_refiner(refiner: Refiner) -> str:
 
 def trained_model(refiner: Refiner, plan: TrainPlan) -> TrainedModel:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = f"refiner_{settings.stack_stem(Path(plan.stacks[0].path))}_{plan.config.input_set.replace('+', '-')}_{stamp}"
+    name = f"refiner_{stack_label(Path(plan.stacks[0].path))}_{plan.config.input_set.replace('+', '-')}_{stamp}"
     return TrainedModel(name, refiner_bytes(refiner), describe_refiner(refiner), plan.config.input_set)
 
 
@@ -585,7 +585,7 @@ def apply_model(
     max_side = source.get("max_side", DEFAULT_MAX_SIDE)
     stack, shape = ctx.stack, ctx.slice_shape
     folder = settings.output_dir(stack.path)
-    base = f"{safe_name(settings.stack_stem(Path(stack.path)))}_refined_{time.strftime('%Y%m%d-%H%M%S')}"
+    base = f"{safe_name(stack_label(Path(stack.path)))}_refined_{time.strftime('%Y%m%d-%H%M%S')}"
     picks = set(montage_slices(list(z_values)))
     shown: dict[int, np.ndarray] = {}
     area, dice_refined, dice_prototype = [], [], []

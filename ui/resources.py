@@ -123,6 +123,13 @@ class MemoEmbedder(SliceEmbedder):
                 self._memo.popitem(last=False)
         return value
 
+    def is_cached(self, z: int) -> bool:
+        """In memory (no look into the cache file, which every rerun of a page asks) or on disk."""
+        with self._memo_lock:
+            if int(z) in self._memo:
+                return True
+        return super().is_cached(z)
+
     def pixel_filters(self, z: int, max_side: int) -> np.ndarray:
         with self._pixel_lock:
             return super().pixel_filters(z, max_side)

@@ -97,24 +97,20 @@ def list_folder(folder: Path, root: Path | None = None, limit: int = 500) -> tup
     return folders, files
 
 
-def stack_stem(path: Path) -> str:
-    """File name without its (double) extension: 'a.ome.tif' -> 'a'."""
-    name = path.name
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
-def output_dir(stack_path: Path, root: Path | None = None) -> Path:
+def output_dir(stack_path: Path, root: Path | None = None, *, create: bool = True) -> Path:
     """Folder for batch results of a stack: $PROTOSCOPE_OUTPUT_DIR, else ``protoscope-output/`` next to the
-    stack, else (folder not writable) ``protoscope-output/`` in the data root. Created if missing."""
+    stack, else (folder not writable) ``protoscope-output/`` in the data root. Created if missing, unless
+    ``create`` is False (for showing where results will go before anything is written)."""
     text = os.environ.get("PROTOSCOPE_OUTPUT_DIR", "").strip()
     candidates = [Path(text).expanduser()] if text else [
         Path(stack_path).resolve().parent / OUTPUT_FOLDER,
         (root or data_root()) / OUTPUT_FOLDER,
     ]
     for folder in candidates:
+        if not create:
+            if os.access(folder if folder.exists() else folder.parent, os.W_OK):
+                return folder
+            continue
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError:
