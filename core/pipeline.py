@@ -304,17 +304,25 @@ def build_scorer(
         created=now_iso(),
         backbone_label=embedder.backbone.label(),
     )
+    point_features = None
     if config.uses_pixels:
-        prototype = _with_pixel_examples(embedder, prototype, embeddings)
+        prototype, point_features = _with_pixel_examples(embedder, prototype, embeddings)
     scorer = Scorer(prototype)
     if len(negative):
-        calibrated = calibrate_on_points(embedder, prototype, scorer)
+        calibrated = calibrate_on_points(embedder, prototype, scorer, point_features=point_features)
         # The calibrated threshold does not change the fitted classifier: keep it.
         scorer.prototype = dataclasses.replace(prototype, calibrated_threshold=calibrated)
     return scorer
 
 
-def _with_pixel_examples(embedder: "SliceEmbedder", prototype: Prototype, embeddings: dict[int, np.ndarray]) -> Prototype:
+PointFeatures = dict[int, tuple[np.ndarray, np.ndarray]]  # z -> (positive, negative) (N, F') features at the points
+
+
+def _with_pixel_examples(
+    embedder: "SliceEmbedder", prototype: Prototype, embeddings: dict[int, np.ndarray]
+) -> tuple[Prototype, PointFeatures]:
+    """The prototype with its pixel examples (clicked pixels and their neighbours), and the features at
+    the clicked pixels themselves, which calibration scores (so it need not compute the maps again)."""
     from core.pixels import example_pixels, fit_projection
 
     config = prototype.config
@@ -323,22 +331,39 @@ def _with_pixel_examples(embedder: "SliceEmbedder", prototype: Prototype, embedd
         prototype = dataclasses.replace(prototype, pixel_projection=basis, pixel_projection_mean=mean)
     positive: list[np.ndarray] = []
     negative: list[np.ndarray] = []
+    at_points: PointFeatures = {}
     for z in prototype.points.slices:
         features = pixel_feature_map(embedder, z, config, prototype)
         pos_xy, neg_xy = prototype.points.on_slice(z)
         for xy, bucket in ((pos_xy, positive), (neg_xy, negative)):
             cells = example_pixels(xy, embedder.slice_shape, features.shape[:2], config.augment_radius)
             bucket.append(features[cells[:, 0], cells[:, 1]])
-    return dataclasses.replace(
+        at_points[z] = tuple(_features_at(features, xy, embedder.slice_shape) for xy in (pos_xy, neg_xy))
+    prototype = dataclasses.replace(
         prototype,
         pixel_positive_examples=np.concatenate(positive).astype(np.float32),
         pixel_negative_examples=np.concatenate(negative).astype(np.float32),
     )
+    return prototype, at_points
 
 
-def calibrate_on_points(embedder: "SliceEmbedder", prototype: Prototype, scorer: Scorer | None = None) -> float:
+def _features_at(features: np.ndarray, xy: np.ndarray, slice_shape: tuple[int, int]) -> np.ndarray:
+    """(N, F') rows of an (h, w, F') working-resolution feature map under the clicked (x, y) pixels."""
+    from core.pixels import example_pixels
+
+    cells = example_pixels(xy, slice_shape, features.shape[:2], 0)
+    return features[cells[:, 0], cells[:, 1]]
+
+
+def calibrate_on_points(
+    embedder: "SliceEmbedder", prototype: Prototype, scorer: Scorer | None = None, *,
+    point_features: PointFeatures | None = None,
+) -> float:
     """Absolute threshold separating the scores under the prototype's own points, on the same score
-    representation that is thresholded (patch grid for nearest upsampling, pixels otherwise)."""
+    representation that is thresholded (patch grid for nearest upsampling, pixels otherwise).
+
+    point_features : the pixel features at the points, when the caller has them (build_scorer).
+    """
     scorer = scorer or Scorer(prototype)
     positive_scores: list[np.ndarray] = []
     negative_scores: list[np.ndarray] = []
@@ -346,12 +371,13 @@ def calibrate_on_points(embedder: "SliceEmbedder", prototype: Prototype, scorer:
         pos_xy, neg_xy = prototype.points.on_slice(z)
         if scorer.pixel_model is not None:
             # Only the clicked pixels are needed: score their feature vectors, not the whole slice.
-            from core.pixels import example_pixels
-
-            features = pixel_feature_map(embedder, z, prototype.config, prototype)
-            for xy, bucket in ((pos_xy, positive_scores), (neg_xy, negative_scores)):
-                cells = example_pixels(xy, embedder.slice_shape, features.shape[:2], 0)
-                bucket.append(scorer.pixel_model.score(features[cells[:, 0], cells[:, 1]][None])[0])
+            if point_features is not None and z in point_features:
+                at_points = point_features[z]
+            else:
+                features = pixel_feature_map(embedder, z, prototype.config, prototype)
+                at_points = tuple(_features_at(features, xy, embedder.slice_shape) for xy in (pos_xy, neg_xy))
+            for rows, bucket in zip(at_points, (positive_scores, negative_scores)):
+                bucket.append(scorer.pixel_model.score(rows[None])[0])
             continue
         score_map = scorer.score_map(embedder, z)
         if prototype.config.upsampling is not Upsampling.NEAREST:

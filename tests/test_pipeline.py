@@ -12,7 +12,7 @@ from core.embedding import SliceEmbedder
 from core.embedding_cache import EmbeddingCache
 from core.errors import PrototypeError
 from core.io import VoxelSize, open_stack
-from core.pipeline import Scorer, build_prototype
+from core.pipeline import Scorer, build_prototype, build_scorer, calibrate_on_points
 from core.prototypes import PointSet, load_prototype, save_prototype
 from core.thresholds import ThresholdSpec
 
@@ -309,3 +309,19 @@ def test_batch_reads_ims_planes_chunk_wise_and_gives_the_same_masks(tmp_path):
     smoothed = best.with_options(z_sigma=1)
     masks, single_reads, group_reads = run(memo_slices=4, config=smoothed)
     assert single_reads == [] and sorted(group_reads) == sorted(list(range(8)) * 2)
+
+
+def test_build_scorer_calibrates_on_the_features_it_already_computed(tmp_path):
+    # build_scorer hands the features at the clicked pixels to the calibration; computing them afresh
+    # from the slice must give the same threshold.
+    volume = np.full((2, 140, 140), 100, np.uint16)
+    volume[:, :, 10::20] = 1000
+    volume[:, :, 11::20] = 1000
+    path = _write_stack(tmp_path / "lines.tif", volume)
+    points = PointSet(np.array([[11, 10, 1], [10, 90, 1], [31, 50, 0]]), np.array([[20, 10, 1], [45, 70, 1], [5, 5, 0]]))
+    best = PipelineConfig.best().with_options(image_size=140)
+    embedder = _embedder(path, best)
+    scorer = build_scorer(embedder, points, best)
+    fresh = calibrate_on_points(_embedder(path, best), scorer.prototype, Scorer(scorer.prototype))
+    assert scorer.prototype.calibrated_threshold == pytest.approx(fresh, abs=1e-6)
+    assert np.isfinite(fresh)
