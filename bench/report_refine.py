@@ -40,6 +40,7 @@ from core.backbones import load_backbone  # noqa: E402
 from core.config import PipelineConfig  # noqa: E402
 from core.embedding_cache import EmbeddingCache  # noqa: E402
 from core.io import open_stack  # noqa: E402
+from core.mask_writers import atomic_output  # noqa: E402
 from core.metrics import dice, hd95  # noqa: E402
 from core.protocol import EvalStack, select_slices  # noqa: E402
 from core.refine import INPUT_SETS, RefineConfig, leave_one_out  # noqa: E402
@@ -249,17 +250,13 @@ def write_markdown(report: dict, path: Path) -> None:
         "Heatmap time counts embedding only for slices not already in the embedding cache.",
         "",
     ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_output(path, overwrite=True) as temp:
+        temp.write_text("\n".join(lines), encoding="utf-8")
 
 
 def write_json(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1, default=float), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_output(path, overwrite=True) as temp:
+        temp.write_text(json.dumps(report, indent=1, default=float), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,17 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"protoscope {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    from core import cli_io, cli_pipeline
+    from core import cli_experiments, cli_io, cli_pipeline, cli_refine
 
-    cli_io.register(subparsers)
-    cli_pipeline.register(subparsers)
-    for module_name in ("cli_experiments", "cli_refine"):
-        try:
-            module = __import__(f"core.{module_name}", fromlist=["register"])
-        except ModuleNotFoundError as error:
-            if error.name != f"core.{module_name}":
-                raise
-            continue
+    for module in (cli_io, cli_pipeline, cli_experiments, cli_refine):
         module.register(subparsers)
     return parser
 

@@ -32,7 +32,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -47,6 +46,7 @@ from core.config import PipelineConfig
 from core.embedding import SliceEmbedder
 from core.errors import ProtoscopeError
 from core.io import open_stack
+from core.mask_writers import atomic_output
 from core.metrics import dice, iou, knn_accuracy, patch_labels, silhouette, summarize
 from core.pipeline import build_prototype, build_scorer
 from core.protocol import (
@@ -745,19 +745,9 @@ def machine_info() -> dict:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)  # mkstemp makes 0600; a report is meant to be read by others
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
+    """Write a report file whole or not at all (reports are regenerated, so an existing one is replaced)."""
+    with atomic_output(path, overwrite=True) as temp:
+        temp.write_bytes(data)
 
 
 def _csv_value(value: Any) -> Any:
