@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.backbones import weights_status
+from core.features.backbones import weights_status
 from core.config import OPTION_NAMES, PipelineConfig, Scoring, Upsampling, parse_option_assignments
 from core.errors import ProtoscopeError
 from core.thresholds import ThresholdSpec

@@ -100,7 +100,7 @@ def run_child(name: str, args: argparse.Namespace) -> dict:
     import torch
     from transformers import Dinov2Model, Dinov2WithRegistersModel  # noqa: F401  (imported before timing the build)
 
-    from core.backbones import get_spec, load_backbone
+    from core.features.backbones import get_spec, load_backbone
     from core.devices import default_precision, describe_device, select_device
 
     spec = get_spec(name)

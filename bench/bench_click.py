@@ -26,8 +26,8 @@ import tifffile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.config import PipelineConfig  # noqa: E402
-from core.embedding import SliceEmbedder  # noqa: E402
-from core.embedding_cache import EmbeddingCache  # noqa: E402
+from core.features.embedding import SliceEmbedder  # noqa: E402
+from core.features.embedding_cache import EmbeddingCache  # noqa: E402
 from core.io import open_stack  # noqa: E402
 from core.pipeline import Scorer, build_prototype  # noqa: E402
 from core.prototypes import PointSet  # noqa: E402

@@ -29,7 +29,7 @@ from scipy import ndimage as ndi
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.filterbank import FilterBankConfig, _default_workers, patch_features, pixel_features  # noqa: E402
+from core.features.filterbank import FilterBankConfig, _default_workers, patch_features, pixel_features  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "filterbank.json"
 
@@ -133,7 +133,7 @@ def main() -> None:
     record("patch_features p=14", size, all_cores, walls, cpus, (size // 14) ** 2 * config.n_features * 4)
 
     _write_json(args.out, {
-        "benchmark": "core.filterbank pixel_features / patch_features",
+        "benchmark": "core.features.filterbank pixel_features / patch_features",
         "signature": config.signature(),
         "n_features": config.n_features,
         "repeats": args.repeats,

@@ -29,8 +29,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.backbones import load_backbone  # noqa: E402
-from core.embedding import SliceEmbedder  # noqa: E402
+from core.features.backbones import load_backbone  # noqa: E402
+from core.features.embedding import SliceEmbedder  # noqa: E402
 from core.io import open_stack  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "io.json"

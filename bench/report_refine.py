@@ -36,15 +36,15 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from core.backbones import load_backbone  # noqa: E402
+from core.features.backbones import load_backbone  # noqa: E402
 from core.config import PipelineConfig  # noqa: E402
-from core.embedding_cache import EmbeddingCache  # noqa: E402
+from core.features.embedding_cache import EmbeddingCache  # noqa: E402
 from core.io import open_stack  # noqa: E402
-from core.mask_writers import atomic_output  # noqa: E402
+from core.io.atomic import atomic_output  # noqa: E402
 from core.metrics import dice, hd95  # noqa: E402
 from core.protocol import EvalStack, select_slices  # noqa: E402
-from core.refine import INPUT_SETS, RefineConfig, leave_one_out  # noqa: E402
-from core.refine_data import same_slice_samples  # noqa: E402
+from core.refine.model import INPUT_SETS, RefineConfig, leave_one_out  # noqa: E402
+from core.refine.samples import same_slice_samples  # noqa: E402
 
 DEFAULT_DATA = (ROOT / ".." / "shared" / "data" / "vesselnn").resolve()
 RESULTS_JSON = ROOT / "docs" / "results" / "refine.json"
@@ -118,7 +118,7 @@ def thread_timing(input_size: int, base_channels: int, repeats: int = 3, steps: 
 
     Interleaved, so that both see the same load of the shared machine; the thread count in use is restored.
     """
-    from core.refine import ShallowUNet, combo_loss
+    from core.refine.model import ShallowUNet, combo_loss
 
     before = torch.get_num_threads()
     x = torch.rand(1, 2, input_size, input_size)

@@ -1,5 +1,5 @@
 """``python -m core``: the Protoscope command line."""
 
-from core.cli import main
+from core.cli.main import main
 
 raise SystemExit(main())

@@ -23,7 +23,7 @@ from core.prototypes import Prototype
 from core.thresholds import ThresholdSpec
 
 if TYPE_CHECKING:  # pragma: no cover
-    from core.embedding import SliceEmbedder
+    from core.features.embedding import SliceEmbedder
     from core.io import VoxelSize
 
 ProgressCallback = Callable[[str, int, int, float | None], None]

@@ -29,7 +29,7 @@ from core.scoring import score_embeddings
 from core.thresholds import ThresholdSpec, apply_threshold, calibrate_threshold, threshold_value
 
 if TYPE_CHECKING:  # pragma: no cover
-    from core.embedding import SliceEmbedder
+    from core.features.embedding import SliceEmbedder
     from core.pixels import PixelClassifier
 
 

@@ -5,7 +5,7 @@ standardised filters dilutes the intensity signal (PIPELINE.md part B). ilastik 
 train a classifier on the clicked pixels' filter responses; a pixel-classification benchmark found
 DINO + filter features best. This module does that, as an option of the prototype pipeline:
 
-features   filter-bank responses (``core.filterbank``) of the normalised slice at a working resolution
+features   filter-bank responses (``core.features.filterbank``) of the normalised slice at a working resolution
            (the slice itself, or shrunk so its longer side is at most ``max_side`` px), standardised with
            statistics pooled over the stack (each stack with its own, so that transfer sees comparable
            scales), optionally followed by the first ``patch_components`` principal components of the
@@ -29,7 +29,7 @@ import numpy as np
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 
-from core import filterbank
+from core.features import filterbank
 from core.preprocess import resize
 
 CLASSIFIERS = ("none", "forest", "linear")

@@ -2,7 +2,7 @@
 
 Thesis mode: clip each slice to its own 5th-95th intensity percentiles, rescale to [0, 1] and resize to
 980 x 980 pixels (bilinear, antialiased) so that a 14-px ViT sees a 70 x 70 patch grid. The grey-to-RGB
-replication and the ImageNet mean/std normalisation belong to the DINOv2 backbone (``core.backbones``),
+replication and the ImageNet mean/std normalisation belong to the DINOv2 backbone (``core.features.backbones``),
 because they are a property of that model, not of the data.
 
 Best mode can replace the per-slice percentiles by percentiles pooled over the whole stack

@@ -30,8 +30,8 @@ from skimage.filters import threshold_otsu
 
 from core.batch import neighbourhood, z_smoothed
 from core.config import PipelineConfig
-from core.embedding import SliceEmbedder
-from core.embedding_cache import EmbeddingCache
+from core.features.embedding import SliceEmbedder
+from core.features.embedding_cache import EmbeddingCache
 from core.errors import ProtoscopeError, StackError
 from core.io import Stack, open_stack
 from core.metrics import segmentation_scores, summarize

@@ -7,7 +7,7 @@ from pathlib import Path
 import streamlit as st
 
 from core.errors import ProtoscopeError
-from core.refine import RefineConfig
+from core.refine.model import RefineConfig
 from core.zspec import parse_z_spec
 from ui import layout, refine, resources, settings, state
 from ui.batch import format_eta

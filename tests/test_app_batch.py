@@ -158,7 +158,7 @@ def test_imaris_copy_gets_the_mask_channel(shared_data, tmp_path_factory, monkey
     assert [int((m > 0).sum()) for m in masks] == areas and all(a > 0 for a in areas)
     with h5py.File(source, "r") as original:
         assert len([k for k in original["DataSet/ResolutionLevel 0/TimePoint 0"]]) == 3  # source untouched
-    from core.ims import read_str_attr
+    from core.io.ims import read_str_attr
 
     with h5py.File(copy, "r") as written:  # the prototype summary's 'λ' is written in Imaris's Latin-1 by core
         description = read_str_attr(written["DataSetInfo/Channel 3"], "Description")

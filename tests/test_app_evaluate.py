@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from core.backbones import load_backbone
+from core.features.backbones import load_backbone
 from core.config import PipelineConfig
-from core.embedding_cache import EmbeddingCache
+from core.features.embedding_cache import EmbeddingCache
 from core.protocol import EvalStack, Method, ProtocolSettings, evaluate
 from ui import testing
 

@@ -23,9 +23,9 @@ def app(tmp_path_factory, monkeypatch):
 
 def slice_embeddings(at) -> np.ndarray:
     """The slice's (70, 70, 49) embeddings read straight from the on-disk cache with core."""
-    from core.backbones import load_backbone
-    from core.embedding import SliceEmbedder
-    from core.embedding_cache import EmbeddingCache
+    from core.features.backbones import load_backbone
+    from core.features.embedding import SliceEmbedder
+    from core.features.embedding_cache import EmbeddingCache
     from core.io import open_stack
 
     from core.config import PipelineConfig

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from core.refine import RefineConfig, RefineSample, load_refiner, train_unet
-from core.refine_data import PrototypeMaps, slice_sample
+from core.refine.model import RefineConfig, RefineSample, load_refiner, train_unet
+from core.refine.samples import PrototypeMaps, slice_sample
 from ui import refine, testing
 
 Z = 12
@@ -91,9 +91,9 @@ def test_train_plot_save_and_apply(app, tmp_path):
     assert len(outputs.dice_refined) == len(outputs.dice_prototype) == 2
     # the same mask as core's own refine apply: the prototype's heatmap and mask, the refiner, its threshold
     ctx_stack = app.session_state["home.sample"].path
-    from core.backbones import load_backbone
-    from core.embedding import SliceEmbedder
-    from core.embedding_cache import EmbeddingCache
+    from core.features.backbones import load_backbone
+    from core.features.embedding import SliceEmbedder
+    from core.features.embedding_cache import EmbeddingCache
     from core.io import open_stack
 
     prototype = app.session_state["segment.prototypes"][-1].prototype

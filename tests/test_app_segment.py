@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from core.config import PipelineConfig
-from core.embedding import SliceEmbedder
-from core.embedding_cache import EmbeddingCache
+from core.features.embedding import SliceEmbedder
+from core.features.embedding_cache import EmbeddingCache
 from core.io import open_stack
 from core.pipeline import Scorer, build_prototype, build_scorer
 from core.prototypes import PointSet, load_prototype
@@ -68,7 +68,7 @@ def seed_point_set(seeds) -> PointSet:
 
 
 def load_backbone_filterbank():
-    from core.backbones import load_backbone
+    from core.features.backbones import load_backbone
 
     return load_backbone("filterbank")
 

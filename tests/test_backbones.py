@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core import filterbank
-from core.backbones import (
+from core.features import filterbank
+from core.features.backbones import (
     BACKBONES,
     Backbone,
     RANDOM_LABEL,
@@ -152,7 +152,7 @@ def test_full_size_configs_on_meta_device(name):
     assert config.use_swiglu_ffn == name.startswith("dinov2_vitg14")
     assert getattr(config, "num_register_tokens", 0) == spec.registers
     assert config._attn_implementation == "sdpa"
-    from core.backbones import _empty_model
+    from core.features.backbones import _empty_model
 
     model = _empty_model(spec, config)
     count = sum(p.numel() for p in model.parameters())

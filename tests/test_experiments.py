@@ -1,4 +1,4 @@
-"""The thesis's experiments (core.experiments, ``python -m core experiments``) on two tiny synthetic stacks.
+"""The thesis's experiments (core.experiments.runs, ``python -m core experiments``) on two tiny synthetic stacks.
 
 The stacks are 6 x 112 x 112 and are embedded at image_size 196 with the filter bank: a 14 x 14 patch grid whose
 nearest resize back to 112 px gives exact 8-pixel blocks, so in thesis mode a top-P % mask covers exactly
@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import tifffile
 
-from core import cli
-from core.backbones import RANDOM_LABEL, load_backbone
+from core.cli import main as cli
+from core.features.backbones import RANDOM_LABEL, load_backbone
 from core.config import PipelineConfig
 from core.demo import make_demo
-from core.embedding_cache import EmbeddingCache
-from core.experiments import (
+from core.features.embedding_cache import EmbeddingCache
+from core.experiments.runs import (
     COLOURS,
     RANDOM_NOTE,
     backbones_figure,

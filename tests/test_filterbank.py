@@ -8,7 +8,7 @@ import pytest
 from scipy import ndimage as ndi
 from skimage.feature import hessian_matrix, hessian_matrix_eigvals, multiscale_basic_features
 
-from core.filterbank import (
+from core.features.filterbank import (
     DEFAULT_SIGMAS,
     FilterBankConfig,
     feature_statistics,

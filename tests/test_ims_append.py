@@ -8,11 +8,11 @@ import h5py
 import numpy as np
 import pytest
 
-import core.ims
+import core.io.ims
 from core.errors import StackError
-from core.ims import append_mask_channel
+from core.io.ims import append_mask_channel
 from core.io import open_stack
-from core.mask_writers import write_masks
+from core.io.writers import write_masks
 from helpers_io import attr_text, next_level, ramp_tczyx, raw_datasets, sha256, write_ims
 
 
@@ -164,7 +164,7 @@ def test_failure_midway_leaves_nothing(source, tmp_path, monkeypatch):
     def explode(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(core.ims, "_write_lower_level", explode)
+    monkeypatch.setattr(core.io.ims, "_write_lower_level", explode)
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(RuntimeError, match="disk full"):
         append_mask_channel(src, tmp_path / "half.ims", _mask((9, 21, 34)))

@@ -56,7 +56,7 @@ def _build_big_ims(path: Path) -> None:
 _CHILD = textwrap.dedent("""
     import json, sys
     import numpy as np, h5py, hdf5plugin
-    import core.io, core.ims
+    import core.io, core.io.ims
 
     def vm_hwm_mb():
         with open("/proc/self/status") as fh:

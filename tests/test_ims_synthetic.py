@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from core.errors import StackError
-from core.ims import decode_attr
+from core.io.ims import decode_attr
 from core.io import VoxelSize, open_stack
 from helpers_io import next_level, ramp_tczyx, str_attr, write_ims
 

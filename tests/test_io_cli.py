@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from core.cli import main
+from core.cli.main import main
 from core.io import open_stack
 from helpers_io import ramp_tczyx, write_ims
 

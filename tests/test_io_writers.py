@@ -9,7 +9,7 @@ import tifffile
 
 from core.errors import StackError
 from core.io import VoxelSize, open_stack
-from core.mask_writers import TiffMaskWriter, mask_to_uint8, write_masks
+from core.io.writers import TiffMaskWriter, mask_to_uint8, write_masks
 
 VOXEL = VoxelSize(x=0.4, y=0.5, z=2.0)
 
@@ -91,7 +91,7 @@ class _RecordingArray:
 
 
 def test_masks_are_read_slab_by_slab(tmp_path, monkeypatch):
-    import core.mask_writers as mw
+    import core.io.writers as mw
 
     monkeypatch.setattr(mw, "_SLAB_BYTES", 2 * 5 * 7)  # two uint8 slices per slab
     mm = np.lib.format.open_memmap(tmp_path / "m.npy", mode="w+", dtype=np.uint8, shape=(5, 5, 7))

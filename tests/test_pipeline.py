@@ -8,8 +8,8 @@ import tifffile
 
 from core.batch import MaskVolume, apply_prototype, z_smoothed
 from core.config import PipelineConfig
-from core.embedding import SliceEmbedder
-from core.embedding_cache import EmbeddingCache
+from core.features.embedding import SliceEmbedder
+from core.features.embedding_cache import EmbeddingCache
 from core.errors import PrototypeError
 from core.io import VoxelSize, open_stack
 from core.pipeline import Scorer, build_prototype, build_scorer, calibrate_on_points

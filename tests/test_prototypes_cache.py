@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from core.config import PipelineConfig, Scoring
-from core.embedding_cache import CacheKey, EmbeddingCache, file_signature
+from core.features.embedding_cache import CacheKey, EmbeddingCache, file_signature
 from core.errors import PrototypeError
 from core.prototypes import (
     PointSet,

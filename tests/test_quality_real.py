@@ -4,7 +4,7 @@ of the same slice (same-slice protocol). Skipped when the developers' data are a
 import numpy as np
 import pytest
 
-from core.backbones import load_backbone
+from core.features.backbones import load_backbone
 from core.config import PipelineConfig
 from core.protocol import EvalStack, Method, ProtocolSettings, evaluate
 

@@ -1,4 +1,4 @@
-"""U-Net refinement (core.refine): network shapes, loss, threshold choice, training, save/load, LOO."""
+"""U-Net refinement (core.refine.model): network shapes, loss, threshold choice, training, save/load, LOO."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 from scipy.ndimage import gaussian_filter
 
-import core.refine as refine
+import core.refine.model as refine
 from core.metrics import dice
-from core.refine import (
+from core.refine.model import (
     INPUT_SETS,
     EpochReport,
     HeatmapNorm,

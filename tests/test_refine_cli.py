@@ -1,5 +1,5 @@
 """``python -m core refine train/apply`` end to end on tiny synthetic stacks with the filter bank, and
-core.refine_data's sample building and validation splits."""
+core.refine.samples's sample building and validation splits."""
 
 from __future__ import annotations
 
@@ -15,18 +15,18 @@ import numpy as np
 import pytest
 import tifffile
 
-from core.backbones import load_backbone
-from core.cli import main
+from core.features.backbones import load_backbone
+from core.cli.main import main
 from core.config import PipelineConfig
 from core.demo import make_demo
-from core.embedding import SliceEmbedder
+from core.features.embedding import SliceEmbedder
 from core.io import open_stack
 from core.pipeline import build_prototype
 from core.preprocess import resize
 from core.protocol import EvalStack
 from core.prototypes import PointSet, load_prototype, save_prototype
-from core.refine import RefineSample, load_refiner, read_refiner_metadata
-from core.refine_data import raw01, split_by_fraction, split_by_stack, stack_label, stack_samples
+from core.refine.model import RefineSample, load_refiner, read_refiner_metadata
+from core.refine.samples import raw01, split_by_fraction, split_by_stack, stack_label, stack_samples
 
 PROJECT = Path(__file__).resolve().parents[1]
 TINY_TRAIN = ["--input-size", "32", "--base-channels", "4", "--threads", "1", "--no-augment"]
@@ -165,7 +165,7 @@ def test_ctrl_c_saves_the_best_model_so_far(data, tmp_path):
     assert {s["stack_id"] for s in meta["train_slices"]} == {"a"} and len(meta["val_slices"]) == 6
 
 
-# ---- core.refine_data ---------------------------------------------------------------------------------
+# ---- core.refine.samples ---------------------------------------------------------------------------------
 
 
 def test_raw01_clips_to_the_slice_percentiles():

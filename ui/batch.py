@@ -16,10 +16,11 @@ from typing import Callable
 import numpy as np
 
 from core.batch import MaskVolume, apply_prototype
-from core.embedding import SliceEmbedder
+from core.features.embedding import SliceEmbedder
 from core.errors import ProtoscopeError
 from core.io import stack_label
-from core.mask_writers import atomic_output, write_masks
+from core.io.atomic import atomic_output
+from core.io.writers import write_masks
 from core.prototypes import Prototype
 from core.thresholds import ThresholdSpec
 from ui import render, settings
@@ -111,7 +112,7 @@ def run(
                                csv_text=result.to_csv(), threshold=str(threshold or prototype.config.threshold))
         if result.cancelled:
             return outputs
-        # core.ims writes Imaris's Latin-1 strings itself ('λ' becomes '?' there; OME-TIFF and HDF5 keep it)
+        # core.io.ims writes Imaris's Latin-1 strings itself ('λ' becomes '?' there; OME-TIFF and HDF5 keep it)
         description = f"Protoscope masks of {stack.name} ({prototype.summary()[:300]})"
         for key in formats:
             path = folder / f"{base}{FORMATS[key][1]}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.backbones import BACKBONES
+from core.features.backbones import BACKBONES
 from core.config import PipelineConfig
 from core.errors import ProtoscopeError, StackError
 from core.io import Stack

@@ -1,4 +1,4 @@
-"""The Refine page's work: train a U-Net on prototype heatmaps and apply it (thesis §3.7; core.refine, core.refine_data).
+"""The Refine page's work: train a U-Net on prototype heatmaps and apply it (thesis §3.7; core.refine.model, core.refine.samples).
 
 Training mirrors ``python -m core refine train``: every chosen slice of every training stack becomes a
 ``RefineSample`` (raw slice, the prototype's heatmap and mask, the ground truth), the samples are split into
@@ -25,17 +25,18 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from core.backbones import Backbone
+from core.features.backbones import Backbone
 from core.config import PipelineConfig
-from core.embedding_cache import EmbeddingCache
+from core.features.embedding_cache import EmbeddingCache
 from core.errors import PrototypeError, ProtoscopeError
-from core.mask_writers import TiffMaskWriter, atomic_output
+from core.io.atomic import atomic_output
+from core.io.writers import TiffMaskWriter
 from core.metrics import dice
 from core.preprocess import resize
 from core.protocol import EvalStack, select_slices
 from core.prototypes import Prototype
-from core.refine import EpochReport, RefineConfig, RefineError, Refiner, load_refiner, save_refiner, train_unet
-from core.refine_data import (
+from core.refine.model import EpochReport, RefineConfig, RefineError, Refiner, load_refiner, save_refiner, train_unet
+from core.refine.samples import (
     DEFAULT_MAX_SIDE,
     RAW_CLIP_PERCENTILES,
     PrototypeMaps,
@@ -336,7 +337,7 @@ def start_training(ctx: Context, plan: TrainPlan) -> TrainJob:
 
 def build_samples(plan: TrainPlan, backbone: Backbone, cache: EmbeddingCache | None,
                   on_slice: Callable[[int, int], None] | None = None) -> list:
-    """RefineSamples of every stack of the plan (core.refine_data), at most DEFAULT_MAX_SIDE px per side."""
+    """RefineSamples of every stack of the plan (core.refine.samples), at most DEFAULT_MAX_SIDE px per side."""
     samples = []
     for spec in plan.stacks:
         z_values = plan.z_values[spec.label]
@@ -354,7 +355,7 @@ def build_samples(plan: TrainPlan, backbone: Backbone, cache: EmbeddingCache | N
 
 
 def split(samples: list, validation: tuple[str, float | str]) -> tuple[list, list]:
-    """(train, validation) by a fraction of every stack's slices or by holding out one stack (core.refine_data)."""
+    """(train, validation) by a fraction of every stack's slices or by holding out one stack (core.refine.samples)."""
     kind, value = validation
     if kind == "stack":
         return split_by_stack(samples, str(value))
@@ -628,6 +629,6 @@ def apply_model(
 
 def _display_slice(ctx: Context, z: int) -> np.ndarray:
     """(Y, X) float in [0, 1] for the montage: the slice clipped to its own 5-95 % (what the refiner sees)."""
-    from core.refine_data import raw01
+    from core.refine.samples import raw01
 
     return raw01(ctx.stack.read_slice(z, ctx.channel))

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from core.backbones import Backbone, default_backbone_name, load_backbone
+from core.features.backbones import Backbone, default_backbone_name, load_backbone
 from core.config import PipelineConfig
-from core.embedding import SliceEmbedder
-from core.embedding_cache import EmbeddingCache, default_cache_dir
+from core.features.embedding import SliceEmbedder
+from core.features.embedding_cache import EmbeddingCache, default_cache_dir
 from core.errors import ProtoscopeError, StackError
 from core.io import Stack, open_stack
 from core.preprocess import PreprocessConfig

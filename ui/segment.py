@@ -28,7 +28,7 @@ import streamlit as st
 from core.config import Cleanup, PipelineConfig, Upsampling
 from core.errors import ProtoscopeError
 from core.io import VoxelSize
-from core.mask_writers import write_masks
+from core.io.writers import write_masks
 from core.pipeline import Scorer, SliceSegmentation, build_scorer
 from core.prototypes import PointSet, Prototype, prototype_to_bytes
 from core.thresholds import ThresholdSpec, otsu_value

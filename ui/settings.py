@@ -6,7 +6,7 @@ PROTOSCOPE_DEMO_DIR    folder of the synthetic demo stack (default: ``assets/dem
 PROTOSCOPE_UPLOAD_DIR  where uploaded files are stored to be opened (default: <temp>/protoscope-uploads).
 PROTOSCOPE_OUTPUT_DIR  where batch results are written (default: ``protoscope-output/`` next to the stack,
                        or inside the data root when the stack's folder is not writable).
-PROTOSCOPE_CACHE       embedding cache folder (read by core.embedding_cache).
+PROTOSCOPE_CACHE       embedding cache folder (read by core.features.embedding_cache).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def add_cache_options(parser: argparse.ArgumentParser) -> None:
 
 
 def open_cache(args: argparse.Namespace):
-    from core.embedding_cache import EmbeddingCache
+    from core.features.embedding_cache import EmbeddingCache
 
     if getattr(args, "no_cache", False):
         return None
@@ -49,7 +49,7 @@ def open_cache(args: argparse.Namespace):
 
 def load_backbone_from_args(name: str | None, args: argparse.Namespace, *, weights: str | None = None, seed: int = 0,
                             overrides: dict | None = None):
-    from core.backbones import default_backbone_name, load_backbone
+    from core.features.backbones import default_backbone_name, load_backbone
 
     name = name or default_backbone_name()
     if overrides is None and args.backbone_config:
@@ -103,7 +103,7 @@ class StderrProgress:
 
 
 def cmd_prototype(args: argparse.Namespace) -> int:
-    from core.embedding import SliceEmbedder
+    from core.features.embedding import SliceEmbedder
     from core.io import open_stack
     from core.pipeline import build_prototype
     from core.prototypes import PointSet, save_prototype
@@ -166,9 +166,9 @@ def backbone_for_prototype(prototype, args: argparse.Namespace):
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from core.batch import apply_prototype
-    from core.embedding import SliceEmbedder
+    from core.features.embedding import SliceEmbedder
     from core.io import open_stack
-    from core.mask_writers import TiffMaskWriter
+    from core.io.writers import TiffMaskWriter
     from core.prototypes import load_prototype
     from core.thresholds import ThresholdSpec
     from core.zspec import parse_z_spec

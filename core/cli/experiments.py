@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from core.cli_pipeline import add_backbone_options, add_cache_options, load_backbone_from_args, open_cache
+from core.cli.pipeline import add_backbone_options, add_cache_options, load_backbone_from_args, open_cache
 from core.config import PipelineConfig, parse_option_assignments
 from core.errors import ProtoscopeError
 
@@ -20,7 +20,7 @@ def split_experiments(items: list[str]) -> tuple[list[str], list[str]]:
 
     ['backbones', 'separability', 'a.tif'] -> (['backbones', 'separability'], ['a.tif']).
     """
-    from core.experiments import EXPERIMENTS
+    from core.experiments.runs import EXPERIMENTS
 
     names: list[str] = []
     index = 0
@@ -89,7 +89,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def cmd_experiments(args: argparse.Namespace) -> int:
-    from core.experiments import run_experiments, write_index, write_report
+    from core.experiments.runs import run_experiments, write_index, write_report
     from core.protocol import EvalStack, ProtocolSettings
 
     names, stack_paths = split_experiments(args.items)
@@ -132,7 +132,7 @@ def cmd_experiments(args: argparse.Namespace) -> int:
         projections=() if args.no_projections else (("pca",) if args.no_umap else ("pca", "umap")),
         max_points=args.scatter_points, umap_max_samples=args.umap_samples, on_done=write,
     )
-    from core.experiments import headline_table
+    from core.experiments.runs import headline_table
 
     for name, experiment in results.items():
         print(f"## {name}\n\n{headline_table(experiment)}\n")

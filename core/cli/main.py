@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from core import __version__
+from core.cli import experiments, io, pipeline, refine
 from core.errors import ProtoscopeError
 
 
@@ -24,9 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"protoscope {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    from core import cli_experiments, cli_io, cli_pipeline, cli_refine
-
-    for module in (cli_io, cli_pipeline, cli_experiments, cli_refine):
+    for module in (io, pipeline, experiments, refine):
         module.register(subparsers)
     return parser
 

@@ -2,7 +2,7 @@
 
 Names (PIPELINE.md A.2): ``dinov2_vits14``, ``dinov2_vitb14``, ``dinov2_vitl14``, ``dinov2_vitg14``, the
 register variants ``dinov2_vit{s,b,l,g}14_reg`` (4 register tokens), and ``filterbank`` (offline,
-no weights, ``core.filterbank``). The DINOv2 models run through ``transformers`` (``Dinov2Model`` /
+no weights, ``core.features.filterbank``). The DINOv2 models run through ``transformers`` (``Dinov2Model`` /
 ``Dinov2WithRegistersModel``, SDPA attention) with explicit configs: 518 px, patch 14 (the transformers
 defaults are 224 px, and patch 16 for the register config).
 
@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core import filterbank
+from core.features import filterbank
 from core.devices import default_precision, describe_device, normalize_precision, select_device
 from core.errors import BackboneError
 
@@ -593,7 +593,7 @@ class Dinov2Backbone(Backbone):
 
 
 class FilterBankBackbone(Backbone):
-    """``core.filterbank`` features as a backbone: numpy on the CPU, deterministic, no weights."""
+    """``core.features.filterbank`` features as a backbone: numpy on the CPU, deterministic, no weights."""
 
     def __init__(self, spec: BackboneSpec, config: "filterbank.FilterBankConfig") -> None:
         self.spec = spec

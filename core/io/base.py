@@ -330,7 +330,7 @@ def open_stack(path: str | Path) -> Stack:
     except OSError as exc:
         raise StackError(f"'{p.name}' cannot be read ({exc.strerror or exc}); check its permissions") from None
     if suffix in IMS_SUFFIXES:
-        from core.ims import ImsStack  # core.ims imports this module; import late
+        from core.io.ims import ImsStack  # core.io.ims imports this module; import late
 
         return ImsStack(p)
     if suffix in TIFF_SUFFIXES:

@@ -33,8 +33,9 @@ except ImportError:  # gzip/shuffle files still read; LZ4 ones get a message say
     hdf5plugin = None
 
 from core.errors import StackError
-from core.io import Stack, VoxelSize, unit_to_um
-from core.mask_writers import as_mask_array, atomic_output, mask_to_uint8
+from core.io.base import Stack, VoxelSize, unit_to_um
+from core.io.atomic import atomic_output
+from core.io.writers import as_mask_array, mask_to_uint8
 
 __all__ = [
     "ImsLayout",

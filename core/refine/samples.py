@@ -1,6 +1,6 @@
 """Refiner inputs from stacks: one ``RefineSample`` per slice, built through the prototype pipeline (A.9).
 
-Per slice the refiner (``core.refine``) needs
+Per slice the refiner (``core.refine.model``) needs
 
 - raw : the slice clipped to its own 5th-95th percentiles and scaled to [0, 1] (thesis §3.3), at
   the slice's own size. Always per slice, whatever the prototype's normalisation: the network must
@@ -27,14 +27,14 @@ import numpy as np
 from core.batch import neighbourhood, z_smoothed
 from core.config import PipelineConfig
 from core import pixels
-from core.embedding import SliceEmbedder
+from core.features.embedding import SliceEmbedder
 from core.errors import ProtoscopeError
 from core.io import Stack, open_stack, stack_label  # noqa: F401 - stack_label is part of this module's API
 from core.pipeline import Scorer, build_prototype
 from core.preprocess import intensity_range, rescale, resize
 from core.protocol import EvalStack, TruthReader, default_margin, protocol_points
 from core.prototypes import Prototype
-from core.refine import RefineSample
+from core.refine.model import RefineSample
 
 #: Percentiles (%) the raw channel is clipped to, per slice (thesis §3.3).
 RAW_CLIP_PERCENTILES: tuple[float, float] = (5.0, 95.0)
@@ -145,7 +145,7 @@ def stack_samples(
 
     spec : the stack, its image channel and its ground truth (needed when ``with_truth``).
     z_values : slice indices, or a function of the stack's slice count returning them.
-    prototype, backbone : the prototype and the loaded backbone it was made with (``core.backbones``);
+    prototype, backbone : the prototype and the loaded backbone it was made with (``core.features.backbones``);
         without a prototype the samples have raw (and truth) only (the 'raw' input set).
     cache : an ``EmbeddingCache`` or None.
     max_side : longest side of the samples in px (larger slices are shrunk, see ``slice_sample``); None keeps

@@ -40,13 +40,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from core.backbones import RANDOM_LABEL
+from core.features.backbones import RANDOM_LABEL
 from core.batch import neighbourhood, z_smoothed
 from core.config import PipelineConfig
-from core.embedding import SliceEmbedder
+from core.features.embedding import SliceEmbedder
 from core.errors import ProtoscopeError
 from core.io import open_stack
-from core.mask_writers import atomic_output
+from core.io.atomic import atomic_output
 from core.metrics import dice, iou, knn_accuracy, patch_labels, silhouette, summarize
 from core.pipeline import build_prototype, build_scorer
 from core.protocol import (
@@ -64,8 +64,8 @@ from core.scoring import l2_normalize
 from core.thresholds import ThresholdSpec
 
 if TYPE_CHECKING:  # pragma: no cover
-    from core.backbones import Backbone
-    from core.embedding_cache import EmbeddingCache
+    from core.features.backbones import Backbone
+    from core.features.embedding_cache import EmbeddingCache
 
 EXPERIMENTS = ("backbones", "separability", "points", "threshold", "transfer")
 #: Points per class of the point-sensitivity experiment (thesis Fig. 4.6).
@@ -861,7 +861,7 @@ def write_report(experiment: Experiment, folder: str | Path, *, backbones: Seque
     info = {
         "experiment": experiment.name,
         "title": TITLES.get(experiment.name, experiment.name),
-        "command": command or "(Python API: core.experiments)",
+        "command": command or "(Python API: core.experiments.runs)",
         "date": datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds"),
         "machine": machine_info(),
         "backbones": [{"name": b.spec.name, "label": b.label(), "random_weights": b.is_random} for b in backbones],

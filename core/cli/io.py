@@ -107,7 +107,7 @@ def export_slices(stack: Any, out: Path, z_values: list[int], *, channel: int = 
     import tifffile
 
     from core.io import VoxelSize
-    from core.mask_writers import atomic_output
+    from core.io.atomic import atomic_output
 
     name = out.name.lower()
     if not name.endswith((".tif", ".tiff")):

@@ -10,18 +10,16 @@ accepted; nonzero means foreground and is stored as 255 (uint8 0/255).
 
 from __future__ import annotations
 
-import os
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from core.errors import StackError
-from core.io import VoxelSize
+from core.io.atomic import atomic_output
+from core.io.base import VoxelSize
 
-__all__ = ["write_masks", "TiffMaskWriter", "atomic_output", "mask_to_uint8", "as_mask_array",
+__all__ = ["write_masks", "TiffMaskWriter", "mask_to_uint8", "as_mask_array",
            "MASK_SUFFIXES"]
 
 MASK_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".h5", ".hdf5", ".ims")
@@ -64,45 +62,6 @@ def _pages(masks: Any) -> Iterator[np.ndarray]:
         yield from slab
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-    except OSError:
-        pass
-    return a.resolve() == b.resolve()
-
-
-@contextmanager
-def atomic_output(out_path: str | Path, *, overwrite: bool = False, source: Path | None = None) -> Iterator[Path]:
-    """Yield a temp path beside `out_path`; on success rename it to `out_path`, on error delete it.
-
-    Raises StackError if `out_path` exists and not `overwrite`, or if it is the file `source`.
-    Missing parent folders are created.
-    """
-    out = Path(out_path).expanduser()
-    if source is not None and _same_file(out, Path(source)):
-        raise StackError(f"'{out}' is the source file itself; choose another output name (the original is "
-                         "never modified)")
-    if out.is_dir():
-        raise StackError(f"'{out}' is a folder; give a file name for the output")
-    if out.exists() and not overwrite:
-        raise StackError(f"'{out}' already exists; choose another name or allow overwriting "
-                         "(overwrite=True, CLI: --overwrite)")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StackError(f"cannot create the folder for '{out}': {exc}") from None
-    # the temp keeps the real name at its end, so suffix-based writers (tifffile's .ome.tif) behave
-    tmp = out.with_name(f".~{uuid.uuid4().hex[:8]}.{out.name}")
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _ome_kind(path: Path) -> bool:
     return path.name.lower().endswith((".ome.tif", ".ome.tiff"))
 
@@ -138,7 +97,7 @@ def write_masks(
     if name.endswith(".ims"):
         if source_ims is None:
             raise StackError(f"writing the mask as '{out.name}' needs the source .ims file (source_ims) to copy")
-        from core.ims import append_mask_channel  # core.ims imports this module; import late
+        from core.io.ims import append_mask_channel  # core.io.ims imports this module; import late
 
         return append_mask_channel(source_ims, out, masks, timepoint=timepoint, channel_name=channel_name,
                                    color=color, overwrite=overwrite, description=description, progress=progress)

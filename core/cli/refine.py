@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from core.cli_pipeline import (
+from core.cli.pipeline import (
     StderrProgress,
     add_backbone_options,
     add_cache_options,
@@ -108,7 +108,7 @@ class CtrlC:
 
 
 def _refine_config(args: argparse.Namespace):
-    from core.refine import RefineConfig
+    from core.refine.model import RefineConfig
 
     return RefineConfig(
         input_set=args.inputs,
@@ -127,7 +127,7 @@ def _eval_stacks(args: argparse.Namespace):
     """EvalStack per STACK (image channel resolved), after checking the ground-truth options."""
     from core.io import open_stack
     from core.protocol import EvalStack
-    from core.refine_data import stack_label
+    from core.refine.samples import stack_label
 
     if args.mask_channel is None and not args.mask_file:
         raise ProtoscopeError("give --mask-channel M (ground truth inside the stack) or --mask-file FILE ... (one per stack)")
@@ -165,8 +165,8 @@ def _truth_text(spec) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from core.metrics import dice
     from core.prototypes import load_prototype
-    from core.refine import INPUT_SETS, RefineError, save_refiner, train_unet
-    from core.refine_data import RAW_CLIP_PERCENTILES, split_by_fraction, split_by_stack, stack_samples
+    from core.refine.model import INPUT_SETS, RefineError, save_refiner, train_unet
+    from core.refine.samples import RAW_CLIP_PERCENTILES, split_by_fraction, split_by_stack, stack_samples
 
     if args.inputs not in INPUT_SETS:
         raise RefineError(f"--inputs {args.inputs!r} is not an input set; use one of {', '.join(INPUT_SETS)}")
@@ -247,13 +247,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from core.embedding import SliceEmbedder
+    from core.features.embedding import SliceEmbedder
     from core.io import open_stack
-    from core.mask_writers import TiffMaskWriter
+    from core.io.writers import TiffMaskWriter
     from core.prototypes import load_prototype
-    from core.refine import load_refiner, read_refiner_metadata
+    from core.refine.model import load_refiner, read_refiner_metadata
     from core.preprocess import resize
-    from core.refine_data import DEFAULT_MAX_SIDE, RAW_CLIP_PERCENTILES, PrototypeMaps, slice_sample
+    from core.refine.samples import DEFAULT_MAX_SIDE, RAW_CLIP_PERCENTILES, PrototypeMaps, slice_sample
     from core.zspec import parse_z_spec
 
     out = Path(args.out)

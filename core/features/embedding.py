@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
-from core.embedding_cache import CacheKey, EmbeddingCache, file_signature
+from core.features.embedding_cache import CacheKey, EmbeddingCache, file_signature
 from core.preprocess import PreprocessConfig, normalized_slice, pooled_intensity_range, prepare_slice
 
 if TYPE_CHECKING:  # pragma: no cover
-    from core.backbones import Backbone
+    from core.features.backbones import Backbone
     from core.io import Stack
 
 #: Slices sampled (evenly over z) to estimate a stack-wide intensity range.

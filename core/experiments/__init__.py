@@ -1,0 +1,1 @@
+"""The thesis's experiments as reports: runs, figures, report pages."""

@@ -1,0 +1,1 @@
+"""U-Net refinement of prototype heatmaps (thesis §3.7)."""
