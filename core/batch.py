@@ -8,7 +8,6 @@ volume, ...). Progress callbacks receive (done, total, eta_seconds); ``should_st
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from core.config import PipelineConfig, Upsampling
 from core.pipeline import Scorer
 from core.prototypes import Prototype
 from core.thresholds import ThresholdSpec
+from core.window import ScoreWindow, neighbourhood
 
 if TYPE_CHECKING:  # pragma: no cover
     from core.features.embedding import SliceEmbedder
@@ -87,24 +87,6 @@ def _eta(start: float, done: int, total: int) -> float | None:
     return (time.perf_counter() - start) / done * (total - done)
 
 
-def neighbourhood(z: int, sigma: float, n_slices: int) -> list[int]:
-    """Slices within 2·sigma of z (inclusive), clipped to the stack."""
-    if sigma <= 0:
-        return [z]
-    radius = int(math.ceil(2 * sigma))
-    return list(range(max(0, z - radius), min(n_slices, z + radius + 1)))
-
-
-def z_smoothed(maps: dict[int, np.ndarray], z: int, sigma: float, n_slices: int) -> np.ndarray:
-    """Gaussian-weighted mean of the score maps around z (weights renormalised at the stack ends)."""
-    if sigma <= 0:
-        return maps[z]
-    zs = neighbourhood(z, sigma, n_slices)
-    weights = np.exp(-0.5 * ((np.asarray(zs) - z) / sigma) ** 2)
-    stacked = np.stack([maps[k] for k in zs])
-    return (np.tensordot(weights, stacked, axes=1) / weights.sum()).astype(np.float32)
-
-
 def _first_needed(z_values: Sequence[int], sigma: float, n_slices: int) -> list[int]:
     """The slices whose score maps `apply_prototype` makes, in the order it first makes them."""
     seen: set[int] = set()
@@ -161,7 +143,6 @@ def apply_prototype(
             embedder.embed(z)
             if on_progress is not None:
                 on_progress("embed", index + 1, len(todo), _eta(start, index + 1, len(todo)))
-    maps: dict[int, np.ndarray] = {}
     start = time.perf_counter()
     # Pixel scores need each slice's pixels when its score map is made (z neighbours first, with z_sigma);
     # patch scores need them only for the guide of guided upsampling. Read them chunk-wise in that order.
@@ -169,24 +150,18 @@ def apply_prototype(
         reads = embedder.plan_reads(_first_needed(z_values, config.z_sigma, embedder.n_slices))
     else:
         reads = embedder.plan_reads(z_values if config.upsampling is Upsampling.GUIDED else [])
+    window = ScoreWindow(scorer, embedder, before_map=reads.ready if scorer.pixel_level else None)
     for index, z in enumerate(z_values):
         if should_stop is not None and should_stop():
             result.cancelled = True
             break
-        window = neighbourhood(z, config.z_sigma, embedder.n_slices)
-        for k in window:
-            if k not in maps:
-                if scorer.pixel_level:
-                    reads.ready(k)
-                maps[k] = scorer.score_map(embedder, k)
+        score_map = window.score_map(z)
         if not scorer.pixel_level:
             reads.ready(z)
-        segmentation = scorer.segment(embedder, z, z_smoothed(maps, z, config.z_sigma, embedder.n_slices), threshold=threshold)
+        segmentation = scorer.segment(embedder, z, score_map, threshold=threshold)
         sink(z, segmentation.mask)
         result.area_px.append(int(segmentation.mask.sum()))
         result.thresholds.append(float(segmentation.threshold))
-        for k in [k for k in maps if k not in window]:
-            del maps[k]
         if on_progress is not None:
             on_progress("mask", index + 1, len(z_values), _eta(start, index + 1, len(z_values)))
     result.seconds = time.perf_counter() - started

@@ -23,3 +23,31 @@ class PrototypeError(ProtoscopeError):
 
 class CacheError(ProtoscopeError):
     """The embedding cache directory cannot be used."""
+
+
+class OptionError(ProtoscopeError, ValueError):
+    """A setting or command-line option has a bad value (names the option, the value and the valid range)."""
+
+
+class ZSpecError(OptionError):
+    """A slice selection (``--z 0:40``, ``all``, ``5,7,9``) cannot be parsed or lies outside the stack."""
+
+
+class ThresholdError(OptionError):
+    """A threshold specification (``top:10``, ``score:0.3``, ``otsu``, ``calibrated``) is invalid."""
+
+
+class PrototypeFileError(PrototypeError):
+    """A prototype ``.npz`` file is unreadable, pickled, or has missing or ill-typed contents."""
+
+
+class RefineError(ProtoscopeError):
+    """U-Net refinement cannot run with these inputs or settings."""
+
+
+class ModelFileError(RefineError):
+    """A refinement model file (safetensors) is unreadable or its metadata is missing or ill-typed."""
+
+
+class OutputError(ProtoscopeError):
+    """An output path cannot be used: it exists, it is an input of the same command, or it is not writable."""

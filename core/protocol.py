@@ -28,16 +28,16 @@ import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
-from core.batch import neighbourhood, z_smoothed
 from core.config import PipelineConfig
 from core.features.embedding import SliceEmbedder
 from core.features.embedding_cache import EmbeddingCache
 from core.errors import ProtoscopeError, StackError
 from core.io import Stack, open_stack
 from core.metrics import segmentation_scores, summarize
-from core.pipeline import Scorer, build_prototype
+from core.pipeline import Scorer, build_scorer
 from core.prototypes import PointSet, Prototype
 from core.sampling import sample_points
+from core.window import ScoreWindow
 
 BASELINES = ("otsu", "intensity")
 SETTINGS = ("same-slice", "same-file", "cross-file")
@@ -241,6 +241,7 @@ class _Reference:
     seed: int
     prototype: Prototype | None = None
     intensity: tuple[float, bool] | None = None
+    scorer: Scorer | None = field(default=None, compare=False, repr=False)  # fitted once, reused for every target
 
 
 def default_margin(slice_shape: tuple[int, int], config: PipelineConfig, patch_size: int = 14) -> int:
@@ -310,15 +311,16 @@ class _MethodRun:
                 self.embedders[spec.label] = embedders[key]
 
     # -- segmentation of one target slice with one reference
-    def segment(self, ref: _Reference, scorer: Scorer | None, label: str, image: Stack, channel: int, z: int) -> np.ndarray:
+    def segment(self, ref: _Reference, window: ScoreWindow | None, image: Stack, channel: int, z: int) -> np.ndarray:
         if ref.intensity is not None:
             threshold, bright = ref.intensity
             return intensity_baseline_mask(image.read_slice(z, channel), threshold, bright)
-        assert scorer is not None
-        embedder = self.embedders[label]
-        sigma = scorer.config.z_sigma
-        maps = {k: scorer.score_map(embedder, k) for k in neighbourhood(z, sigma, embedder.n_slices)}
-        return scorer.segment(embedder, z, z_smoothed(maps, z, sigma, embedder.n_slices)).mask
+        assert window is not None
+        return window.segment(z).mask
+
+    def window(self, ref: _Reference, label: str) -> ScoreWindow | None:
+        """A score window of ``ref``'s fitted scorer over stack ``label`` (None for intensity references)."""
+        return ScoreWindow(ref.scorer, self.embedders[label]) if ref.scorer is not None else None
 
     def record(self, setting: str, ref: _Reference, spec: EvalStack, image: Stack, truth_mask: np.ndarray,
                mask: np.ndarray, z: int) -> None:
@@ -352,8 +354,8 @@ class _MethodRun:
             threshold = intensity_baseline_threshold(raw, points, z)
             positive_mean = float(smoothed(raw)[points.positive[:, 1], points.positive[:, 0]].mean())
             return _Reference(label, z, seed, intensity=(threshold, positive_mean >= threshold))
-        prototype = build_prototype(self.embedders[label], points, self.method.config, seed=seed)
-        return _Reference(label, z, seed, prototype=prototype)
+        scorer = build_scorer(self.embedders[label], points, self.method.config, seed=seed)
+        return _Reference(label, z, seed, prototype=scorer.prototype, scorer=scorer)
 
     def run(self) -> None:
         method, settings, result = self.method, self.settings, self.result
@@ -376,22 +378,23 @@ class _MethodRun:
                         continue
                     ref = self.make_reference(label, image, channel, truth_mask, z, seed, margin)
                     if "same-slice" in settings.settings:
-                        scorer = Scorer(ref.prototype) if ref.prototype is not None else None
-                        self.record("same-slice", ref, spec, image, truth_mask, self.segment(ref, scorer, label, image, channel, z), z)
+                        self.record("same-slice", ref, spec, image, truth_mask,
+                                    self.segment(ref, self.window(ref, label), image, channel, z), z)
                     if z == reference_z[seed]:
                         references.append(ref)
             self.log(f"  {label}: same-slice done ({len(z_values)} slices x {len(settings.seeds)} seeds)")
         if method.is_otsu_baseline or not ({"same-file", "cross-file"} & set(settings.settings)):
             return
-        scorers = [Scorer(ref.prototype) if ref.prototype is not None else None for ref in references]
         for spec, image, truth in self.opened:
             channel = image.resolve_channel(spec.image_channel)
+            # one window per reference on this stack: walking z upwards computes each score map once
+            windows = [self.window(ref, spec.label) for ref in references]
             for z in result.slices[spec.label]:
                 truth_mask = truth(z)
-                for ref, scorer in zip(references, scorers):
+                for ref, window in zip(references, windows):
                     same = ref.stack == spec.label
                     setting = "same-file" if same else "cross-file"
                     if setting not in settings.settings or (same and z == ref.z):
                         continue
-                    self.record(setting, ref, spec, image, truth_mask, self.segment(ref, scorer, spec.label, image, channel, z), z)
+                    self.record(setting, ref, spec, image, truth_mask, self.segment(ref, window, image, channel, z), z)
             self.log(f"  {spec.label}: transfer targets done")

@@ -17,13 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 from skimage.filters import threshold_otsu
 
-from core.errors import ProtoscopeError
+from core.errors import ThresholdError
 
 THRESHOLD_KINDS = ("top", "score", "otsu", "calibrated")
 
-
-class ThresholdError(ProtoscopeError):
-    """A threshold specification cannot be parsed or applied."""
 
 
 @dataclass(frozen=True)

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import re
 
-from core.errors import ProtoscopeError
+from core.errors import ZSpecError
 
 __all__ = ["parse_z_spec", "ZSpecError"]
 
 _INT = re.compile(r"^[+-]?\d+$")
 
-
-class ZSpecError(ProtoscopeError, ValueError):
-    """A z selection that is malformed or outside the stack."""
 
 
 def parse_z_spec(spec: str, n_slices: int) -> list[int]:

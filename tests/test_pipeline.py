@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from core.batch import MaskVolume, apply_prototype, z_smoothed
+from core.batch import MaskVolume, apply_prototype
+from core.window import z_smoothed
 from core.config import PipelineConfig
 from core.features.embedding import SliceEmbedder
 from core.features.embedding_cache import EmbeddingCache

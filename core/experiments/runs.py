@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 
 from core.features.backbones import RANDOM_LABEL
-from core.batch import neighbourhood, z_smoothed
+from core.window import neighbourhood, z_smoothed
 from core.config import PipelineConfig
 from core.features.embedding import SliceEmbedder
 from core.errors import ProtoscopeError

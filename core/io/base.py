@@ -377,6 +377,19 @@ def stack_label(path: str | Path) -> str:
     return Path(name).stem
 
 
+def default_image_channel(stack: Stack, requested: int | None = None) -> int:
+    """The channel to segment: ``requested`` when given (negatives count from the end), else the lab
+    convention: the penultimate channel of a multi-channel ``.ims`` (the last holds the expert mask), else 0.
+
+    Raises StackError when ``requested`` is outside the stack's channels.
+    """
+    if requested is not None:
+        return stack.resolve_channel(requested)
+    if stack.format == "ims" and stack.shape[1] >= 2:
+        return stack.shape[1] - 2
+    return 0
+
+
 def natural_sort_key(name: str) -> list[Any]:
     """Sort key in which digit runs compare as numbers: 'img2' < 'img10'."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name.lower())]

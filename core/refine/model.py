@@ -53,7 +53,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from core.devices import select_device
-from core.errors import ProtoscopeError
+from core.errors import ModelFileError, ProtoscopeError, RefineError
 from core.metrics import dice, hd95
 
 FORMAT_VERSION = 1
@@ -72,9 +72,6 @@ _DEFAULT_THRESHOLD = 0.5
 _DICE_SMOOTH = 1.0
 _RAW_TOLERANCE = 1e-3
 
-
-class RefineError(ProtoscopeError):
-    """Refinement inputs, settings or model files are invalid or do not fit each other."""
 
 
 class HeatmapNorm(str, enum.Enum):

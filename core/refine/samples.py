@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.batch import neighbourhood, z_smoothed
+from core.window import neighbourhood, z_smoothed
 from core.config import PipelineConfig
 from core import pixels
 from core.features.embedding import SliceEmbedder
