@@ -1,4 +1,4 @@
-"""Segmentation and feature-space metrics (thesis §2.8, §2.10; PIPELINE.md A.7).
+"""Segmentation and feature-space metrics (thesis §2.8, §2.10; docs/spec/PIPELINE.md A.7).
 
 Masks are ``(Y, X)`` bool-like arrays (anything with ``!= 0`` for structure) of the same shape.
 

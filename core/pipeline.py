@@ -1,4 +1,4 @@
-"""The prototype pipeline on one slice: embeddings -> score map -> mask (PIPELINE.md A.4-A.6 and part B).
+"""The prototype pipeline on one slice: embeddings -> score map -> mask (docs/spec/PIPELINE.md A.4-A.6 and part B).
 
 thesis : score on the (h, w) patch grid, keep the top 10 % of patches, nearest-resize that patch mask to the
          original (Y, X) slice (14-px blocks at 980 px).
@@ -24,13 +24,20 @@ from skimage import morphology
 from core.config import Cleanup, PipelineConfig, Upsampling
 from core.errors import PrototypeError
 from core.grid import grid_to_pixels_nearest, points_to_patches, upsample_bilinear
+from core.pixels import (
+    PixelClassifier,
+    PixelFeatureSpace,
+    combined_features,
+    example_pixels,
+    feature_statistics,
+    fit_projection,
+)
 from core.prototypes import PointSet, Prototype, build_references, collect_examples, now_iso
 from core.scoring import score_embeddings
 from core.thresholds import ThresholdSpec, apply_threshold, calibrate_threshold, threshold_value
 
 if TYPE_CHECKING:  # pragma: no cover
     from core.features.embedding import SliceEmbedder
-    from core.pixels import PixelClassifier
 
 
 @dataclass(frozen=True)
@@ -183,12 +190,8 @@ def _uses_patch_components(embedder: "SliceEmbedder", config: PipelineConfig) ->
 
 def pixel_feature_map(embedder: "SliceEmbedder", z: int, config: PipelineConfig, prototype: Prototype | None) -> np.ndarray:
     """(h, w, F') standardised pixel features of slice z at the working resolution (core.pixels)."""
-    from core.pixels import PixelFeatureSpace, combined_features
-
     filters = embedder.pixel_filters(z, config.pixel_max_side)
     if config.pixel_standardize == "slice":
-        from core.pixels import feature_statistics
-
         mean, std = feature_statistics([filters])
     else:
         mean, std = embedder.pixel_statistics(config.pixel_max_side)
@@ -211,7 +214,6 @@ class Scorer:
                     "this prototype has no pixel examples (it was made without the pixel classifier); "
                     "rebuild it in best mode or use pixel_classifier=none"
                 )
-            from core.pixels import PixelClassifier
 
             self.pixel_model = PixelClassifier(
                 self.config.pixel_classifier, prototype.pixel_positive_examples, prototype.pixel_negative_examples
@@ -323,7 +325,6 @@ def _with_pixel_examples(
 ) -> tuple[Prototype, PointFeatures]:
     """The prototype with its pixel examples (clicked pixels and their neighbours), and the features at
     the clicked pixels themselves, which calibration scores (so it need not compute the maps again)."""
-    from core.pixels import example_pixels, fit_projection
 
     config = prototype.config
     if _uses_patch_components(embedder, config):
@@ -349,7 +350,6 @@ def _with_pixel_examples(
 
 def _features_at(features: np.ndarray, xy: np.ndarray, slice_shape: tuple[int, int]) -> np.ndarray:
     """(N, F') rows of an (h, w, F') working-resolution feature map under the clicked (x, y) pixels."""
-    from core.pixels import example_pixels
 
     cells = example_pixels(xy, slice_shape, features.shape[:2], 0)
     return features[cells[:, 0], cells[:, 1]]

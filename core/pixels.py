@@ -1,7 +1,7 @@
 """The pixel branch of best mode: a small classifier on per-pixel features, trained on the user's clicks.
 
 Patch prototypes on a 14-px grid cannot follow thin structures, and cosine similarity over many
-standardised filters dilutes the intensity signal (PIPELINE.md part B). ilastik and convpaint instead
+standardised filters dilutes the intensity signal (docs/spec/PIPELINE.md part B). ilastik and convpaint instead
 train a classifier on the clicked pixels' filter responses; a pixel-classification benchmark found
 DINO + filter features best. This module does that, as an option of the prototype pipeline:
 
@@ -30,6 +30,7 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 
 from core.features import filterbank
+from core.grid import upsample_bilinear
 from core.preprocess import resize
 
 CLASSIFIERS = ("none", "forest", "linear")
@@ -96,7 +97,6 @@ def combined_features(
     standardized = filterbank.standardize(filters, space.mean, space.std)
     if space.projection is None or patch_embeddings is None:
         return standardized
-    from core.grid import upsample_bilinear
 
     projected = (patch_embeddings.reshape(-1, patch_embeddings.shape[-1]) - space.projection_mean) @ space.projection
     grid = projected.reshape(*patch_embeddings.shape[:2], -1)

@@ -1,4 +1,4 @@
-"""2-D projections of patch embeddings for the feature-space view (thesis §2.10; PIPELINE.md A.7).
+"""2-D projections of patch embeddings for the feature-space view (thesis §2.10; docs/spec/PIPELINE.md A.7).
 
 ``pca_2d`` is interactive (randomized PCA, a fraction of a second for 4900 x 1536); ``umap_2d`` takes
 seconds and pays ~30 s of numba compilation on the first ``import umap`` and 40-80 s on the first

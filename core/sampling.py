@@ -1,4 +1,4 @@
-"""Seeded positive/negative points from a ground-truth mask (thesis §3.5.1; PIPELINE.md A.3).
+"""Seeded positive/negative points from a ground-truth mask (thesis §3.5.1; docs/spec/PIPELINE.md A.3).
 
 Positives are drawn uniformly, without replacement, from the structure eroded by a disk of radius
 ``margin_px``; negatives from the background outside the structure dilated by the same disk, so no

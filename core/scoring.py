@@ -1,4 +1,4 @@
-"""Prototype similarity: S = Sp - λ·Sn for every patch (thesis §3.5.3, PIPELINE.md A.4-A.5).
+"""Prototype similarity: S = Sp - λ·Sn for every patch (thesis §3.5.3, docs/spec/PIPELINE.md A.4-A.5).
 
 All embeddings are compared by cosine similarity, i.e. dot products of L2-normalised vectors. The class
 similarity Sp (or Sn) of a patch is, by scoring method:

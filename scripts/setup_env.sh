@@ -22,7 +22,14 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 STAMP="$VENV/.installed-$(basename "$REQ_FILE")"
 HASH="$(cat "$PROJECT_ROOT/requirements.txt" "$PROJECT_ROOT/$REQ_FILE" | sha256sum | cut -d' ' -f1)"
-if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$HASH" ]; then
+# requirements-dev.txt includes requirements.txt: a current dev install serves the app as well.
+DEV_STAMP="$VENV/.installed-requirements-dev.txt"
+DEV_HASH=""
+[ -f "$PROJECT_ROOT/requirements-dev.txt" ] && \
+  DEV_HASH="$(cat "$PROJECT_ROOT/requirements.txt" "$PROJECT_ROOT/requirements-dev.txt" | sha256sum | cut -d' ' -f1)"
+if [ "$REQ_FILE" = "requirements.txt" ] && [ -f "$DEV_STAMP" ] && [ "$(cat "$DEV_STAMP")" = "$DEV_HASH" ]; then
+  : # nothing to install
+elif [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$HASH" ]; then
   echo "[setup] installing $REQ_FILE into $VENV (first run takes a few minutes)" >&2
   "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2 || true
   # torch first and alone, so that no other package can pull a (multi-GB) CUDA build.
