@@ -1,4 +1,4 @@
-"""Test helpers for the stack I/O tests: a small, independent Imaris writer following FORMAT.md.
+"""Test helpers for the stack I/O tests: a small, independent Imaris writer following docs/spec/FORMAT.md.
 
 `write_ims` writes what ImarisWriter writes (root attributes, |S1 string attributes, padded chunked
 Data, ImageSize attributes, histograms, DataSetInfo/Image, Channel and TimeInfo) with plain h5py,
@@ -16,9 +16,8 @@ import hdf5plugin
 import numpy as np
 
 
-
 def str_attr(obj: h5py.HLObject, name: str, value: str | bytes) -> None:
-    """Rank-1 array of 1-char NULLTERM strings (FORMAT.md §3)."""
+    """Rank-1 array of 1-char NULLTERM strings (docs/spec/FORMAT.md §3)."""
     raw = value if isinstance(value, bytes) else value.encode("latin-1")
     data = np.frombuffer(raw, dtype="S1") if raw else np.array([b""], "S1")
     tid = h5py.h5t.C_S1.copy()

@@ -1,4 +1,4 @@
-"""Appending a mask channel to a copy of an .ims file (FORMAT.md §8)."""
+"""Appending a mask channel to a copy of an .ims file (docs/spec/FORMAT.md §8)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import h5py
 import numpy as np
 import pytest
 
-import core.io.ims
+import core.io.ims_append
 from core.errors import StackError
-from core.io.ims import append_mask_channel
+from core.io.ims_append import append_mask_channel
 from core.io import open_stack
 from core.io.writers import write_masks
 from helpers_io import attr_text, next_level, ramp_tczyx, raw_datasets, sha256, write_ims
@@ -164,7 +164,7 @@ def test_failure_midway_leaves_nothing(source, tmp_path, monkeypatch):
     def explode(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(core.io.ims, "_write_lower_level", explode)
+    monkeypatch.setattr(core.io.ims_append, "_write_lower_level", explode)
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(RuntimeError, match="disk full"):
         append_mask_channel(src, tmp_path / "half.ims", _mask((9, 21, 34)))
@@ -228,7 +228,7 @@ def test_append_to_other_real_files(ims_dir, tmp_path, name):
     assert all(new[key] == raw for key, raw in old.items())
     with h5py.File(out, "r") as f:
         info = f["DataSetInfo"]
-        # the official reader needs DataSetInfo/Channel c for every channel and TimeInfo (FORMAT §5.2)
+        # the official reader needs DataSetInfo/Channel c for every channel and TimeInfo (docs/spec/FORMAT.md §5.2)
         assert all(f"Channel {i}" in info for i in range(c + 1)) and "TimeInfo" in info
         if "Noc" in info["Image"].attrs:
             assert attr_text(info["Image"], "Noc") == str(c + 1)

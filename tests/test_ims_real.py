@@ -2,7 +2,7 @@
 
 Three files were written by Bitplane's ImarisWriter with known arrays (`<name>.truth.npz`); one by
 Imaris 7 itself (PtK2Cell) and one is Bitplane's minimal example. Level 1 is checked against
-ImarisWriter's rule, floor(mean) of 2x2x2 blocks of the truth (FORMAT.md §4.3).
+ImarisWriter's rule, floor(mean) of 2x2x2 blocks of the truth (docs/spec/FORMAT.md §4.3).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def test_imariswriter_voxel_sizes_match_manifest(ims_dir, manifest, name):
 
 
 def test_level_counts_of_imariswriter_files(ims_dir):
-    # 300x260x40 uint16 -> 2 levels; 256x200x24 uint8 -> 2 levels; 66x48x10 float32 -> 1 (FORMAT §4.3)
+    # 300x260x40 uint16 -> 2 levels; 256x200x24 uint8 -> 2 levels; 66x48x10 float32 -> 1 (docs/spec/FORMAT.md §4.3)
     counts = {}
     for name in IW_FILES:
         with open_stack(ims_dir / name) as stack:

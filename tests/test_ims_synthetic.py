@@ -1,4 +1,4 @@
-"""Reading .ims files the tests write themselves (helpers_io.write_ims follows FORMAT.md)."""
+"""Reading .ims files the tests write themselves (helpers_io.write_ims follows docs/spec/FORMAT.md)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,14 @@
 """Reading microscopy stacks and writing masks: Imaris ``.ims``, TIFF / OME-TIFF, images.
 
-The package's public names; the readers and writers live in its modules.
+The package's public names; the readers and writers live in its modules:
+
+- ``base``: `Stack`, `VoxelSize`, units, `stack_label`, `default_image_channel`, suffixes;
+- ``tiff``, ``images``, ``ims``: the readers (`TiffStack`, `ImageStack` / `ImageFolderStack`, `ImsStack`);
+- ``opening``: `open_stack`, which picks the reader;
+- ``masks``, ``writers``, ``ims_append``: mask arrays, mask files, a mask channel in an ``.ims`` copy;
+- ``atomic``: the temp-file-and-rename helper every written file goes through.
+
+Imports run one way: base <- readers <- opening; masks, atomic <- ims_append <- writers.
 """
 
 from core.io.base import (
@@ -9,11 +17,11 @@ from core.io.base import (
     VoxelSize,
     default_image_channel,
     natural_sort_key,
-    open_stack,
     rgb_to_grey,
     stack_label,
     unit_to_um,
 )
+from core.io.opening import open_stack
 
 __all__ = [
     "SUPPORTED_SUFFIXES",

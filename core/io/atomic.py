@@ -57,8 +57,6 @@ def atomic_output(out_path: str | Path, *, overwrite: bool = False, source: Path
         raise
 
 
-
-
 def write_bytes(out_path: str | Path, data: bytes, *, overwrite: bool = False, source: Path | None = None) -> Path:
     """Write ``data`` to ``out_path`` atomically (see `atomic_output` for the refusals); returns the path."""
     with atomic_output(out_path, overwrite=overwrite, source=source) as tmp:

@@ -13,40 +13,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import h5py
 import numpy as np
 
 from core.errors import StackError
 from core.io.atomic import atomic_output
 from core.io.base import VoxelSize
+from core.io.ims_append import append_mask_channel
+from core.io.masks import as_mask_array, mask_to_uint8
 
+# mask_to_uint8 and as_mask_array live in core.io.masks and are re-exported here for callers
 __all__ = ["write_masks", "TiffMaskWriter", "mask_to_uint8", "as_mask_array",
            "MASK_SUFFIXES"]
 
 MASK_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".h5", ".hdf5", ".ims")
 _SLAB_BYTES = 64 << 20  # mask bytes read at a time when converting
-
-
-def mask_to_uint8(mask: Any) -> np.ndarray:
-    """Any numeric array -> uint8 with 255 where nonzero and 0 elsewhere (same shape)."""
-    return (np.asarray(mask) != 0).view(np.uint8) * np.uint8(255)
-
-
-def as_mask_array(masks: Any, out_path: Path | str) -> Any:
-    """Validate a (Z, Y, X) mask array-like without loading it; (Y, X) becomes (1, Y, X).
-
-    Arrays, np.memmap and h5py datasets stay lazy; lists are converted with numpy.
-    """
-    if not (hasattr(masks, "shape") and hasattr(masks, "dtype") and hasattr(masks, "__getitem__")):
-        masks = np.asarray(masks)
-    dtype = np.dtype(masks.dtype)
-    if dtype.kind not in "biuf":
-        raise StackError(f"mask for '{Path(out_path).name}' has dtype {dtype}; use bool or integer (0 = background)")
-    if len(masks.shape) == 2:
-        masks = np.asarray(masks)[None]
-    if len(masks.shape) != 3 or min(masks.shape) < 1:
-        raise StackError(f"mask for '{Path(out_path).name}' has shape {tuple(masks.shape)}; expected (Z, Y, X) "
-                         "with at least one slice")
-    return masks
 
 
 def _slabs(masks: Any) -> Iterator[tuple[int, np.ndarray]]:
@@ -87,7 +68,7 @@ def write_masks(
     .h5/.hdf5 : dataset 'mask' uint8 0/255 (gzip, one chunk per slice), attrs 'element_size_um'
         (z, y, x), 'axes' = 'ZYX', 'description'.
     .ims : a copy of `source_ims` with the mask appended as a new channel (see
-        core.ims.append_mask_channel); the mask must have the source's full level-0 (Z, Y, X).
+        core.io.ims_append.append_mask_channel); the mask must have the source's full level-0 (Z, Y, X).
     Returns out_path. Raises StackError for an unknown extension, an existing file without
     `overwrite`, a bad mask, or (for .ims) a missing/identical source.
     """
@@ -97,8 +78,6 @@ def write_masks(
     if name.endswith(".ims"):
         if source_ims is None:
             raise StackError(f"writing the mask as '{out.name}' needs the source .ims file (source_ims) to copy")
-        from core.io.ims import append_mask_channel  # core.io.ims imports this module; import late
-
         return append_mask_channel(source_ims, out, masks, timepoint=timepoint, channel_name=channel_name,
                                    color=color, overwrite=overwrite, description=description, progress=progress)
     if _ome_kind(out):
@@ -138,8 +117,6 @@ def _write_ome_tiff(path: Path, masks: Any, voxel_size: VoxelSize | None, channe
 
 def _write_hdf5(path: Path, masks: Any, voxel_size: VoxelSize | None, description: str,
                 progress: Callable[[float], None] | None) -> None:
-    import h5py
-
     n_z, n_y, n_x = masks.shape
     with h5py.File(path, "w") as f:
         data = f.create_dataset("mask", shape=(n_z, n_y, n_x), dtype=np.uint8, chunks=(1, n_y, n_x),
