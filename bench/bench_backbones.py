@@ -37,6 +37,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.errors import BackboneError  # noqa: E402
+from core.features.registry import BACKBONES, get_spec  # noqa: E402  (no torch: the parent stays light)
+from core.io.atomic import write_text  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results" / "backbones.json"
 PEAK_TFLOPS = {"H100": 990.0, "A100": 312.0}  # dense bf16 tensor-core peaks
 
@@ -100,7 +104,7 @@ def run_child(name: str, args: argparse.Namespace) -> dict:
     import torch
     from transformers import Dinov2Model, Dinov2WithRegistersModel  # noqa: F401  (imported before timing the build)
 
-    from core.features.backbones import get_spec, load_backbone
+    from core.features.backbones import load_backbone
     from core.devices import default_precision, describe_device, select_device
 
     spec = get_spec(name)
@@ -166,17 +170,13 @@ def _table(rows: list[dict], rates: dict[str, float]) -> list[str]:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w") as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(temporary, path)
+    write_text(path, json.dumps(payload, indent=2), overwrite=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", nargs="+", default=["dinov2_vits14", "dinov2_vitb14", "filterbank"],
-                        help="registry names (space or comma separated)")
+                        help=f"registry names (space or comma separated): {', '.join(BACKBONES)}")
     parser.add_argument("--size", type=int, default=980, help="square input side in pixels (multiple of 14)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per precision")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
@@ -187,7 +187,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    names = [n for part in args.backbones for n in part.split(",") if n]
+    try:
+        names = [get_spec(n).name for part in args.backbones for n in part.split(",") if n]
+    except BackboneError as error:
+        parser.error(str(error))
 
     if args.child:
         print(json.dumps(run_child(args.child, args)))

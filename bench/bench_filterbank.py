@@ -17,7 +17,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from core.features.filterbank import FilterBankConfig, _default_workers, patch_features, pixel_features  # noqa: E402
+from core.io.atomic import write_text  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "filterbank.json"
 
@@ -70,10 +70,7 @@ def _time(call) -> tuple[float, float]:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(handle.name, path)
+    write_text(path, json.dumps(payload, indent=2), overwrite=True)
 
 
 def main() -> None:

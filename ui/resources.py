@@ -8,8 +8,6 @@ after its first computation, so clicks and threshold moves never re-embed.
 from __future__ import annotations
 
 import json
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,78 +89,15 @@ def embedding_cache() -> EmbeddingCache:
     return _embedding_cache(str(default_cache_dir()))
 
 
-class MemoEmbedder(SliceEmbedder):
-    """A SliceEmbedder that also keeps recent slices' embeddings in memory.
-
-    Reading a slice back from the HDF5 cache costs 5-50 ms (float16 -> float32, more for wide DINOv2
-    embeddings) and one click reads it up to three times (prototype, calibration, score map). The arrays are
-    returned read-only, so no caller can change what the next one gets.
-    """
-
-    memo_bytes = 256 << 20
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._memo: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._memo_lock = threading.Lock()
-        # best mode's pixel features may be computed by the warm-up thread and a page at the same time
-        self._pixel_lock = threading.RLock()
-        self._warm_up: threading.Thread | None = None
-
-    def embed(self, z: int) -> np.ndarray:
-        z = int(z)
-        with self._memo_lock:
-            if z in self._memo:
-                self._memo.move_to_end(z)
-                return self._memo[z]
-        value = super().embed(z)
-        value.setflags(write=False)
-        with self._memo_lock:
-            self._memo[z] = value
-            while len(self._memo) > 1 and sum(v.nbytes for v in self._memo.values()) > self.memo_bytes:
-                self._memo.popitem(last=False)
-        return value
-
-    def is_cached(self, z: int) -> bool:
-        """In memory (no look into the cache file, which every rerun of a page asks) or on disk."""
-        with self._memo_lock:
-            if int(z) in self._memo:
-                return True
-        return super().is_cached(z)
-
-    def pixel_filters(self, z: int, max_side: int) -> np.ndarray:
-        with self._pixel_lock:
-            return super().pixel_filters(z, max_side)
-
-    def pixel_statistics(self, max_side: int) -> tuple[np.ndarray, np.ndarray]:
-        with self._pixel_lock:
-            return super().pixel_statistics(max_side)
-
-    def warm_up_pixels(self, max_side: int) -> bool:
-        """Start computing the stack's pixel-feature statistics in a background thread (once per embedder).
-
-        Best mode's first click needs them (filter features of 8 slices: ~5 s on a 256 px demo, more for
-        large slices); started when the Segment page opens, they are usually ready before the first
-        negative point is clicked. A page that needs them meanwhile waits on the lock. Returns True when
-        a thread was started by this call.
-        """
-        with self._memo_lock:
-            if self._warm_up is not None:
-                return False
-            self._warm_up = threading.Thread(target=self.pixel_statistics, args=(int(max_side),),
-                                             name="protoscope-pixel-warm-up", daemon=True)
-        self._warm_up.start()
-        return True
-
-
 @st.cache_resource(max_entries=8, show_spinner="Preparing the stack (intensity range)…")
 def _embedder(path: str, signature: str, channel: int, key: tuple, preprocess_json: str, cache_dir: str) -> SliceEmbedder:
     preprocess = PreprocessConfig.from_dict(json.loads(preprocess_json))
-    return MemoEmbedder(_stack(path, signature), channel, _backbone(*key), preprocess, cache=_embedding_cache(cache_dir))
+    return SliceEmbedder(_stack(path, signature), channel, _backbone(*key), preprocess, cache=_embedding_cache(cache_dir))
 
 
 def embedder_for(path: str | Path, channel: int, choice: BackboneChoice, preprocess: PreprocessConfig) -> SliceEmbedder:
-    """The shared SliceEmbedder of (stack, channel, backbone, preprocessing), embeddings cached on disk."""
+    """The shared SliceEmbedder of (stack, channel, backbone, preprocessing): recent embeddings in memory, all
+    cached on disk."""
     text = str(path)
     stack = open_cached_stack(text)
     channel = stack.resolve_channel(channel)

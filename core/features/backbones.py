@@ -1,6 +1,8 @@
-"""Feature backbones: a registry of names -> facts + builder, and the loaded ``Backbone`` that embeds slices.
+"""Feature backbones: loading a registered backbone (weights, device, precision) as a ``Backbone`` that embeds slices.
 
-Names (PIPELINE.md A.2): ``dinov2_vits14``, ``dinov2_vitb14``, ``dinov2_vitl14``, ``dinov2_vitg14``, the
+The names and their facts (patch size, embedding dim, layers, parameter count, title) and the default-backbone
+rule live in ``core.features.registry``, which does not import torch; they are re-exported here. Names
+(docs/spec/PIPELINE.md A.2, docs/backbones.md): ``dinov2_vits14``, ``dinov2_vitb14``, ``dinov2_vitl14``, ``dinov2_vitg14``, the
 register variants ``dinov2_vit{s,b,l,g}14_reg`` (4 register tokens), and ``filterbank`` (offline,
 no weights, ``core.features.filterbank``). The DINOv2 models run through ``transformers`` (``Dinov2Model`` /
 ``Dinov2WithRegistersModel``, SDPA attention) with explicit configs: 518 px, patch 14 (the transformers
@@ -40,19 +42,32 @@ import math
 import os
 import re
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from core.features import filterbank
 from core.devices import default_precision, describe_device, normalize_precision, select_device
 from core.errors import BackboneError
+from core.features import filterbank
+from core.features.registry import (
+    BACKBONES,
+    RANDOM_LABEL,
+    BackboneSpec,
+    cached_commit,
+    default_backbone_name,
+    dinov2_arch,
+    get_spec,
+    hf_cache_dir,
+    hf_offline,
+    spec_for_architecture,
+    weights_status,
+)
 
 __all__ = [
     "BACKBONES",
+    "RANDOM_LABEL",
     "Backbone",
     "BackboneSpec",
     "clear_backbone_memo",
@@ -71,87 +86,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Position-embedding resizing, recorded in the embedding-cache signature (see module docstring).
 POS_INTERPOLATION = {0: "transformers-bicubic-fp32", 4: "transformers-bicubic-antialias-fp32"}
-RANDOM_LABEL = "RANDOM WEIGHTS (timing only, results meaningless)"
 _HUB_TIMEOUT_S = 5.0
 _DINOV2_HEAD_DIM = 64  # every released DINOv2 ViT has 64-dim heads
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """Facts about one registered backbone (no weights are touched to read them)."""
-
-    name: str  # 'dinov2_vits14', ..., 'filterbank'
-    family: str  # 'dinov2' | 'filterbank'
-    patch_size: int  # pixels
-    embed_dim: int  # D of the patch embeddings
-    n_layers: int  # transformer blocks (0 for the filter bank)
-    n_params: int  # parameters at 518 px (position embeddings included)
-    hf_repo: str | None
-    meta_checkpoint: str | None  # file name of Meta's official weights
-    registers: int  # register tokens: 0 or 4
-    title: str  # 'DINOv2 ViT-S/14', 'Filter bank (offline)'
-
-
-@dataclass(frozen=True)
-class _Arch:
-    letter: str
-    size: str  # Hugging Face repo suffix
-    hidden: int
-    layers: int
-    heads: int
-    swiglu: bool
-    params: tuple[int, int]  # without / with 4 registers, counted on the meta device at 518 px
-
-
-_ARCHS = (
-    _Arch("s", "small", 384, 12, 6, False, (22_056_576, 22_058_112)),
-    _Arch("b", "base", 768, 12, 12, False, (86_580_480, 86_583_552)),
-    _Arch("l", "large", 1024, 24, 16, False, (304_368_640, 304_372_736)),
-    _Arch("g", "giant", 1536, 40, 24, True, (1_136_480_768, 1_136_486_912)),
-)
-_ARCH_BY_NAME: dict[str, _Arch] = {}
-
-
-def _dinov2_spec(arch: _Arch, registers: int) -> BackboneSpec:
-    reg = "_reg" if registers else ""
-    return BackboneSpec(
-        name=f"dinov2_vit{arch.letter}14{reg}",
-        family="dinov2",
-        patch_size=14,
-        embed_dim=arch.hidden,
-        n_layers=arch.layers,
-        n_params=arch.params[1 if registers else 0],
-        hf_repo=f"facebook/dinov2-{'with-registers-' if registers else ''}{arch.size}",
-        meta_checkpoint=f"dinov2_vit{arch.letter}14{'_reg4' if registers else ''}_pretrain.pth",
-        registers=registers,
-        title=f"DINOv2 ViT-{arch.letter.upper() if arch.letter != 'g' else 'g'}/14{' + registers' if registers else ''}",
-    )
-
-
-def _build_registry() -> dict[str, BackboneSpec]:
-    specs = {}
-    for registers in (0, 4):
-        for arch in _ARCHS:
-            spec = _dinov2_spec(arch, registers)
-            specs[spec.name] = spec
-            _ARCH_BY_NAME[spec.name] = arch
-    specs["filterbank"] = BackboneSpec(
-        name="filterbank", family="filterbank", patch_size=14,
-        embed_dim=filterbank.FilterBankConfig().n_features, n_layers=0, n_params=0, hf_repo=None,
-        meta_checkpoint=None, registers=0, title="Filter bank (offline)",
-    )
-    return specs
-
-
-BACKBONES: dict[str, BackboneSpec] = _build_registry()
-
-
-def get_spec(name: str) -> BackboneSpec:
-    """The registry entry for ``name``; BackboneError listing the valid names otherwise."""
-    key = str(name).strip().lower()
-    if key not in BACKBONES:
-        raise BackboneError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
-    return BACKBONES[key]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -191,7 +127,7 @@ def dinov2_config(name: str, overrides: dict | None = None):
     spec = get_spec(name)
     if spec.family != "dinov2":
         raise BackboneError(f"backbone {spec.name!r} has no transformers config")
-    arch = _ARCH_BY_NAME[spec.name]
+    arch = dinov2_arch(spec.name)
     values: dict[str, Any] = dict(
         hidden_size=arch.hidden, num_hidden_layers=arch.layers, num_attention_heads=arch.heads, mlp_ratio=4,
         use_swiglu_ffn=arch.swiglu, image_size=518, patch_size=14, layerscale_value=1.0, layer_norm_eps=1e-6,
@@ -360,53 +296,13 @@ def infer_meta_architecture(state: dict[str, torch.Tensor]) -> dict[str, Any]:
                 num_register_tokens=registers, patch_size=patch, image_size=grid * patch)
 
 
-def _spec_for_architecture(arch: dict[str, Any]) -> str | None:
-    for spec in BACKBONES.values():
-        shape = (spec.embed_dim, spec.n_layers, spec.registers)
-        if spec.family == "dinov2" and shape == (arch["hidden_size"], arch["num_hidden_layers"], arch["num_register_tokens"]):
-            return spec.name
-    return None
+def _registered_name(arch: dict[str, Any]) -> str | None:
+    """The registered name of the architecture ``infer_meta_architecture`` read, or None."""
+    return spec_for_architecture(arch["hidden_size"], arch["num_hidden_layers"], arch["num_register_tokens"])
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Where the weights come from
-
-
-def _hf_cache_dir() -> Path:
-    """The Hugging Face hub cache, read from the environment now (huggingface_hub reads it at import)."""
-    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(variable):
-            return Path(os.path.expandvars(os.environ[variable])).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(os.path.expandvars(home)).expanduser() / "hub"
-
-
-def _hf_offline() -> bool:
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _cached_commit(repo: str, cache_dir: Path) -> str | None:
-    """Commit hash of the cached snapshot holding config.json and weights, or None (no network)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    config = try_to_load_from_cache(repo, "config.json", cache_dir=str(cache_dir))
-    if not isinstance(config, str):
-        return None
-    snapshot = Path(config).parent
-    for weights in ("model.safetensors", "pytorch_model.bin"):
-        path = try_to_load_from_cache(repo, weights, cache_dir=str(cache_dir))
-        if isinstance(path, str) and Path(path).parent == snapshot:
-            return snapshot.name
-    index = try_to_load_from_cache(repo, "model.safetensors.index.json", cache_dir=str(cache_dir))
-    if isinstance(index, str) and Path(index).parent == snapshot:  # sharded weights: every shard present
-        try:
-            shards = set(json.loads(Path(index).read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError):
-            return None
-        if shards and all((snapshot / shard).is_file() for shard in shards):
-            return snapshot.name
-    return None
 
 
 def _missing_weights_message(spec: BackboneSpec, problem: str) -> str:
@@ -420,26 +316,6 @@ def _missing_weights_message(spec: BackboneSpec, problem: str) -> str:
         f"(3) --weights random, for timing and plumbing only (results meaningless). "
         f"The 'filterbank' backbone needs no weights."
     )
-
-
-def weights_status(name: str) -> str:
-    """Whether ``load_backbone(name, 'hub')`` can work, without any network wait.
-
-    'cached' (in the Hugging Face cache; always for 'filterbank', which has no weights),
-    'offline-only' (not cached and HF_HUB_OFFLINE is set: it cannot be downloaded now),
-    'not cached' (a first load would download it, if the network allows).
-    """
-    spec = get_spec(name)
-    if spec.family == "filterbank":
-        return "cached"
-    if _cached_commit(spec.hf_repo, _hf_cache_dir()) is not None:
-        return "cached"
-    return "offline-only" if _hf_offline() else "not cached"
-
-
-def default_backbone_name() -> str:
-    """'dinov2_vits14' when its hub weights are cached locally, else the offline 'filterbank'."""
-    return "dinov2_vits14" if weights_status("dinov2_vits14") == "cached" else "filterbank"
 
 
 _HASH_MEMO: dict[tuple, str] = {}
@@ -515,7 +391,7 @@ class Backbone:
         image01 : (H, W) float grey image in [0, 1], H and W multiples of ``patch_size`` (the caller clips,
             rescales and resizes, ``core.preprocess``).
         Returns (H/p, W/p, D) float32 numpy (CPU). DINOv2: the last layer's layer-normed patch tokens
-        (CLS and register tokens dropped). Filter bank: ``core.filterbank.patch_features``.
+        (CLS and register tokens dropped). Filter bank: ``core.features.filterbank.patch_features``.
         Raises ValueError for a non-2-D image or a size that is not a multiple of the patch size.
 
         >>> backbone = load_backbone("filterbank")
@@ -685,12 +561,12 @@ def _load_meta_pth(spec: BackboneSpec, path: Path, overrides: dict | None) -> to
     except BackboneError as error:
         raise BackboneError(f"weights file {path} is not a DINOv2 checkpoint in Meta's format: {error}") from None
     if arch["num_register_tokens"] != spec.registers:
-        other = _spec_for_architecture(arch) or (spec.name + "_reg" if arch["num_register_tokens"] else spec.name[:-4])
+        other = _registered_name(arch) or (spec.name + "_reg" if arch["num_register_tokens"] else spec.name[:-4])
         raise BackboneError(f"weights file {path} has {arch['num_register_tokens']} register tokens but {spec.name!r} "
                             f"has {spec.registers}; use backbone {other!r}")
     overrides = dict(overrides or {})
     if not overrides and (arch["hidden_size"], arch["num_hidden_layers"]) != (spec.embed_dim, spec.n_layers):
-        other = _spec_for_architecture(arch)
+        other = _registered_name(arch)
         hint = f"; it is {other!r}" if other else ""
         raise BackboneError(f"weights file {path} holds a ViT with width {arch['hidden_size']} and "
                             f"{arch['num_hidden_layers']} blocks, not {spec.name!r} "
@@ -702,7 +578,7 @@ def _load_meta_pth(spec: BackboneSpec, path: Path, overrides: dict | None) -> to
     values.pop("intermediate_size", None)
     if "num_attention_heads" not in values:
         if arch["hidden_size"] == spec.embed_dim:
-            values["num_attention_heads"] = _ARCH_BY_NAME[spec.name].heads
+            values["num_attention_heads"] = dinov2_arch(spec.name).heads
         elif arch["hidden_size"] % _DINOV2_HEAD_DIM == 0:
             values["num_attention_heads"] = arch["hidden_size"] // _DINOV2_HEAD_DIM
         else:
@@ -753,11 +629,11 @@ def _load_hf_folder(spec: BackboneSpec, folder: Path) -> torch.nn.Module:
 
 def _load_hub(spec: BackboneSpec) -> tuple[torch.nn.Module, str]:
     """(model, commit) from the Hugging Face cache, or downloaded when the hub answers within 5 s."""
-    cache_dir = _hf_cache_dir()
-    commit = _cached_commit(spec.hf_repo, cache_dir)
+    cache_dir = hf_cache_dir()
+    commit = cached_commit(spec.hf_repo, cache_dir)
     download = commit is None
     if download:
-        if _hf_offline():
+        if hf_offline():
             raise BackboneError(_missing_weights_message(
                 spec, f"the weights {spec.hf_repo} are not in the Hugging Face cache {cache_dir} "
                       "and HF_HUB_OFFLINE is set"))

@@ -1,8 +1,15 @@
-"""Patch embeddings of a stack's slices, through the on-disk cache.
+"""Patch embeddings of a stack's slices, through an in-memory memo and the on-disk cache.
 
 ``SliceEmbedder`` binds one stack, channel and time point to one backbone and preprocessing. ``embed(z)``
-returns the slice's (h, w, D) patch embeddings from the cache when present (a click or a threshold change
-never re-embeds) and otherwise computes and stores them.
+returns the slice's (h, w, D) patch embeddings from memory when recently used, else from the disk cache when
+present (a click or a threshold change never re-embeds), and otherwise computes them (and stores them on
+disk when a cache is given). So a run embeds each slice once, with or without the disk cache, as long as
+the slices it revisits fit in the memo (``memo_bytes``, 256 MiB by default: ~34 slices of ViT-S/14 at
+980 px, 70 x 70 x 384 float32).
+
+One embedder may be used from several threads (the app's pages and its warm-up thread): the memo, the
+raw-plane memo and the pixel features are guarded by locks, and a slice is never embedded by two threads
+at once.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import numpy as np
 
 from core.features.embedding_cache import CacheKey, EmbeddingCache, file_signature
+from core.pixels import feature_statistics, filter_features
 from core.preprocess import PreprocessConfig, normalized_slice, pooled_intensity_range, prepare_slice
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -24,6 +32,8 @@ if TYPE_CHECKING:  # pragma: no cover
 STACK_RANGE_SLICES = 16
 #: Slices sampled to estimate the stack's pixel-feature statistics (best mode's pixel branch).
 PIXEL_STATS_SLICES = 8
+#: Default bound of a SliceEmbedder's in-memory memo of recent embeddings, in bytes.
+MEMO_BYTES = 256 << 20
 
 
 def stack_intensity_range(
@@ -43,7 +53,15 @@ def stack_intensity_range(
 
 
 class SliceEmbedder:
-    """Embeddings (and model inputs) of one channel of one stack, cached on disk when a cache is given."""
+    """Embeddings (and model inputs) of one channel of one stack: kept in memory, cached on disk when a cache
+    is given.
+
+    memo_bytes : bound of the in-memory memo of recent slices' embeddings (least recently used dropped
+        first; the newest is always kept); 0 keeps none. Reading a slice back from the HDF5 cache costs
+        5-50 ms and one click reads it up to three times (prototype, calibration, score map); without a
+        disk cache the memo is what keeps a run from embedding a slice twice.
+    Embeddings are returned read-only: callers share them, so nobody may change them in place.
+    """
 
     def __init__(
         self,
@@ -55,7 +73,10 @@ class SliceEmbedder:
         cache: EmbeddingCache | None = None,
         timepoint: int = 0,
         stack_range: tuple[float, float] | None = None,
+        memo_bytes: int = MEMO_BYTES,
     ) -> None:
+        if memo_bytes < 0:
+            raise ValueError(f"memo_bytes must be >= 0 bytes, got {memo_bytes}")
         self.stack = stack
         self.channel = stack.resolve_channel(channel)
         self.backbone = backbone
@@ -66,6 +87,14 @@ class SliceEmbedder:
             stack_range = stack_intensity_range(stack, self.channel, preprocess.clip_percentiles, timepoint=timepoint)
         self.stack_range = stack_range if preprocess.normalization == "stack" else None
         self._key: CacheKey | None = None
+        self.memo_bytes = int(memo_bytes)
+        self._memo: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._memo_nbytes = 0
+        self._memo_lock = threading.Lock()
+        self._embed_lock = threading.Lock()  # one backbone run at a time, so no slice is embedded twice at once
+        # Best mode's pixel features may be computed by the warm-up thread and a page at the same time.
+        self._pixel_lock = threading.RLock()
+        self._warm_up: threading.Thread | None = None
         # Per-instance memo of recent pixel-feature maps (they are large and not cached on disk).
         self._pixel_memo: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self.pixel_memo_slices = 6
@@ -84,6 +113,13 @@ class SliceEmbedder:
     @property
     def n_slices(self) -> int:
         return int(self.stack.shape[0])
+
+    @property
+    def embedding_nbytes(self) -> int:
+        """Bytes of one slice's (h, w, D) float32 embedding in memory, e.g. 70 x 70 x 384 x 4 = 7.5 MB for
+        ViT-S/14 at 980 px (so ``memo_bytes // embedding_nbytes`` slices fit in the memo)."""
+        side = self.preprocess.image_size // self.backbone.patch_size
+        return side * side * int(self.backbone.embed_dim) * 4
 
     @property
     def cache_key(self) -> CacheKey:
@@ -142,23 +178,73 @@ class SliceEmbedder:
         return prepare_slice(self.raw(z), self.preprocess, self.stack_range)
 
     def is_cached(self, z: int) -> bool:
-        return self.cache is not None and z in self.cache.cached_slices(self.cache_key)
+        """Whether embed(z) needs no backbone run: in memory (asked on every rerun of a page, so without a look
+        into the cache file) or on disk."""
+        with self._memo_lock:
+            if int(z) in self._memo:
+                return True
+        return self.cache is not None and int(z) in self.cache.cached_slices(self.cache_key)
 
     def cached_slices(self) -> set[int]:
+        """The z indices in the disk cache (one look into the cache file; empty without a cache)."""
         return self.cache.cached_slices(self.cache_key) if self.cache is not None else set()
 
+    def memo_slices(self) -> list[int]:
+        """The z indices whose embeddings are in memory, least recently used first."""
+        with self._memo_lock:
+            return list(self._memo)
+
+    def clear_memo(self) -> None:
+        """Forget the in-memory embeddings (the disk cache is kept)."""
+        with self._memo_lock:
+            self._memo.clear()
+            self._memo_nbytes = 0
+
     def embed(self, z: int) -> np.ndarray:
-        """(h, w, D) float32 patch embeddings of slice z (cache first)."""
-        if self.cache is not None:
-            cached = self.cache.get(self.cache_key, z)
-            if cached is not None:
-                return cached
-        embedding = self.backbone.embed(self.model_input(z))
-        if self.cache is not None:
-            self.cache.put(self.cache_key, z, embedding)
-            # Return what later calls will read, so cached and fresh results are identical (float16).
-            return embedding.astype(np.float16).astype(np.float32)
+        """(h, w, D) float32 patch embeddings of slice z, read-only (memory first, then the disk cache).
+
+        With a disk cache, a freshly computed embedding is returned as the cache will give it back (rounded
+        through float16), so cached and fresh results are identical.
+        """
+        z = int(z)
+        embedding = self._recall(z)
+        if embedding is not None:
+            return embedding
+        with self._embed_lock:
+            embedding = self._recall(z)  # another thread may have embedded it while this one waited
+            if embedding is not None:
+                return embedding
+            embedding = self.cache.get(self.cache_key, z) if self.cache is not None else None
+            if embedding is None:
+                embedding = self.backbone.embed(self.model_input(z))
+                if self.cache is not None:
+                    self.cache.put(self.cache_key, z, embedding)
+                    embedding = embedding.astype(np.float16).astype(np.float32)
+            embedding.flags.writeable = False
+            self._remember(z, embedding)
         return embedding
+
+    def _recall(self, z: int) -> np.ndarray | None:
+        with self._memo_lock:
+            embedding = self._memo.get(z)
+            if embedding is not None:
+                self._memo.move_to_end(z)
+            return embedding
+
+    def _remember(self, z: int, embedding: np.ndarray) -> None:
+        """Keep slice z's embedding; drop the least recently used ones while the memo exceeds memo_bytes
+        (the newest stays even when it alone exceeds it, unless memo_bytes is 0)."""
+        if self.memo_bytes <= 0:
+            return
+        with self._memo_lock:
+            previous = self._memo.pop(z, None)
+            if previous is not None:
+                self._memo_nbytes -= previous.nbytes
+            self._memo[z] = embedding
+            self._memo_nbytes += embedding.nbytes
+            while len(self._memo) > 1 and self._memo_nbytes > self.memo_bytes:
+                _, dropped = self._memo.popitem(last=False)
+                self._memo_nbytes -= dropped.nbytes
 
     def embed_many(
         self,
@@ -169,7 +255,7 @@ class SliceEmbedder:
     ) -> dict[int, np.ndarray]:
         """Embeddings of several slices; ``on_slice(done, total)`` after each; stops early when asked."""
         result: dict[int, np.ndarray] = {}
-        cached = self.cached_slices()
+        cached = self.cached_slices() | set(self.memo_slices())
         # Slices still to embed are read chunk-wise; cached ones need no pixels at all.
         reads = self.plan_reads([z for z in z_values if z not in cached])
         for index, z in enumerate(z_values):
@@ -185,27 +271,42 @@ class SliceEmbedder:
 
     def pixel_filters(self, z: int, max_side: int) -> np.ndarray:
         """(h, w, F) float32 filter-bank features of slice z at the working resolution (memoised)."""
-        from core.pixels import filter_features
-
         key = (int(z), int(max_side))
-        if key in self._pixel_memo:
-            self._pixel_memo.move_to_end(key)
-            return self._pixel_memo[key]
-        features = filter_features(self.normalized(z), max_side)
-        self._pixel_memo[key] = features
-        while len(self._pixel_memo) > self.pixel_memo_slices:
-            self._pixel_memo.popitem(last=False)
-        return features
+        with self._pixel_lock:
+            if key in self._pixel_memo:
+                self._pixel_memo.move_to_end(key)
+                return self._pixel_memo[key]
+            features = filter_features(self.normalized(z), max_side)
+            self._pixel_memo[key] = features
+            while len(self._pixel_memo) > self.pixel_memo_slices:
+                self._pixel_memo.popitem(last=False)
+            return features
 
     def pixel_statistics(self, max_side: int) -> tuple[np.ndarray, np.ndarray]:
         """(mean, std) (F,) of this stack's pixel features, pooled over evenly spaced slices (memoised)."""
-        from core.pixels import feature_statistics
+        with self._pixel_lock:
+            if max_side not in self._pixel_stats:
+                count = min(PIXEL_STATS_SLICES, self.n_slices)
+                z_values = np.unique(np.linspace(0, self.n_slices - 1, count).round().astype(int))
+                self._pixel_stats[max_side] = feature_statistics(
+                    [self.pixel_filters(int(z), max_side) for z in z_values])
+            return self._pixel_stats[max_side]
 
-        if max_side not in self._pixel_stats:
-            count = min(PIXEL_STATS_SLICES, self.n_slices)
-            z_values = np.unique(np.linspace(0, self.n_slices - 1, count).round().astype(int))
-            self._pixel_stats[max_side] = feature_statistics([self.pixel_filters(int(z), max_side) for z in z_values])
-        return self._pixel_stats[max_side]
+    def warm_up_pixels(self, max_side: int) -> bool:
+        """Start computing the stack's pixel-feature statistics in a background thread (once per embedder).
+
+        Best mode's first click needs them (filter features of 8 slices: ~5 s on a 256 px demo, more for
+        large slices); started when the Segment page opens, they are usually ready before the first
+        negative point is clicked. A caller that needs them meanwhile waits on the lock. Returns True when
+        a thread was started by this call.
+        """
+        with self._memo_lock:
+            if self._warm_up is not None:
+                return False
+            self._warm_up = threading.Thread(target=self.pixel_statistics, args=(int(max_side),),
+                                             name="protoscope-pixel-warm-up", daemon=True)
+        self._warm_up.start()
+        return True
 
 
 class PlannedReads:
