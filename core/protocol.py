@@ -1,4 +1,4 @@
-"""The thesis's evaluation protocol (§3.8, PIPELINE.md A.3 and C), for any backbone and pipeline variant.
+"""The thesis's evaluation protocol (§3.8, docs/spec/PIPELINE.md A.3 and C), for any backbone and pipeline variant.
 
 For every stack: pick evenly spaced slices (100, skipping 40 at each end, when the stack is deep enough);
 for every slice and seed, sample positive and negative points from the ground truth (margin from the
@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -250,6 +251,64 @@ def default_margin(slice_shape: tuple[int, int], config: PipelineConfig, patch_s
     return max(2, int(math.ceil(patch_size / 2 * scale)))
 
 
+@dataclass
+class OpenedStack:
+    """One EvalStack opened for the protocol.
+
+    image : the image stack; truth : its ground truth, (Y, X) bool per slice; channel : the image channel
+    resolved (e.g. -2 -> 4); z_values : the evaluated slices, sorted; notes : what the slice choice changed
+    or skipped (see ``evaluated_slices``).
+    """
+
+    spec: EvalStack
+    image: Stack
+    truth: TruthReader
+    channel: int
+    z_values: list[int]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+    def margin(self, settings: ProtocolSettings, config: PipelineConfig) -> int:
+        """The points' boundary margin in pixels: ``settings.margin_px``, else half a patch (``default_margin``)."""
+        if settings.margin_px is not None:
+            return settings.margin_px
+        return default_margin((self.image.shape[2], self.image.shape[3]), config)
+
+
+@contextmanager
+def open_eval_stacks(stacks: Sequence[EvalStack], settings: ProtocolSettings) -> Iterator[list[OpenedStack]]:
+    """Open every stack with its ground truth and choose its evaluated slices (``evaluated_slices``); everything
+    opened is closed on exit. ``evaluate`` and the experiments (core.experiments) open their stacks here.
+
+    Raises StackError / ProtoscopeError for an unreadable stack, a bad channel, a ground truth of another shape
+    or without usable slices, and ProtoscopeError when two stacks have the same label.
+    """
+    opened: list[OpenedStack] = []
+    try:
+        for spec in stacks:
+            image = open_stack(spec.image_path)
+            try:
+                truth = TruthReader(spec, image)
+            except BaseException:
+                image.close()
+                raise
+            entry = OpenedStack(spec, image, truth, channel=0, z_values=[])
+            opened.append(entry)  # listed before anything else can fail, so that the finally closes it
+            entry.channel = image.resolve_channel(spec.image_channel)
+            entry.z_values, entry.notes = evaluated_slices(spec, image, truth, settings)
+        labels = [entry.label for entry in opened]
+        if len(set(labels)) != len(labels):
+            raise ProtoscopeError("two stacks have the same name; give them distinct file names")
+        yield opened
+    finally:
+        for entry in opened:
+            entry.truth.close()
+            entry.image.close()
+
+
 def evaluate(
     stacks: Sequence[EvalStack],
     methods: Sequence[Method],
@@ -264,29 +323,17 @@ def evaluate(
     started = time.perf_counter()
     log = log or (lambda message: None)
     result = EvaluationResult()
-    opened: list[tuple[EvalStack, Stack, TruthReader]] = []
-    try:
-        for spec in stacks:
-            image = open_stack(spec.image_path)
-            truth = TruthReader(spec, image)
-            opened.append((spec, image, truth))
-            keep, notes = evaluated_slices(spec, image, truth, settings)
-            result.notes.extend(notes)
-            result.stacks.append(spec.label)
-            result.slices[spec.label] = keep
-        labels = [spec.label for spec, _, _ in opened]
-        if len(set(labels)) != len(labels):
-            raise ProtoscopeError("two stacks have the same name; give them distinct file names")
+    with open_eval_stacks(stacks, settings) as opened:
+        for entry in opened:
+            result.notes.extend(entry.notes)
+            result.stacks.append(entry.label)
+            result.slices[entry.label] = entry.z_values
         embedders: dict[tuple[str, str, str], SliceEmbedder] = {}
         for method in methods:
             for backbone in (backbones if method.config is not None else [None]):
                 log(f"[{method.name} / {backbone.spec.name if backbone else 'no backbone'}] evaluating {len(opened)} stack(s)")
                 runner = _MethodRun(opened, method, backbone, settings, cache, result, log, embedders)
                 runner.run()
-    finally:
-        for _, image, truth in opened:
-            truth.close()
-            image.close()
     result.seconds = time.perf_counter() - started
     return result
 
@@ -294,8 +341,8 @@ def evaluate(
 class _MethodRun:
     """One method (and backbone) over all stacks: same-slice first, then transfer target by target."""
 
-    def __init__(self, opened, method: Method, backbone, settings: ProtocolSettings, cache, result: EvaluationResult,
-                 log: Callable[[str], None], embedders: dict) -> None:
+    def __init__(self, opened: list[OpenedStack], method: Method, backbone, settings: ProtocolSettings, cache,
+                 result: EvaluationResult, log: Callable[[str], None], embedders: dict) -> None:
         self.opened = opened
         self.method = method
         self.settings = settings
@@ -304,11 +351,12 @@ class _MethodRun:
         self.backbone_name = backbone.spec.name if backbone is not None else "-"
         self.embedders: dict[str, SliceEmbedder] = {}
         if method.config is not None:
-            for spec, image, _ in opened:
-                key = (spec.label, method.config.preprocess.signature(), backbone.signature())
+            for entry in opened:
+                key = (entry.label, method.config.preprocess.signature(), backbone.signature())
                 if key not in embedders:
-                    embedders[key] = SliceEmbedder(image, spec.image_channel, backbone, method.config.preprocess, cache=cache)
-                self.embedders[spec.label] = embedders[key]
+                    embedders[key] = SliceEmbedder(entry.image, entry.spec.image_channel, backbone,
+                                                   method.config.preprocess, cache=cache)
+                self.embedders[entry.label] = embedders[key]
 
     # -- segmentation of one target slice with one reference
     def segment(self, ref: _Reference, window: ScoreWindow | None, image: Stack, channel: int, z: int) -> np.ndarray:
@@ -360,13 +408,11 @@ class _MethodRun:
     def run(self) -> None:
         method, settings, result = self.method, self.settings, self.result
         references: list[_Reference] = []
-        for spec, image, truth in self.opened:
+        for entry in self.opened:
+            spec, image, truth, channel = entry.spec, entry.image, entry.truth, entry.channel
             label = spec.label
-            channel = image.resolve_channel(spec.image_channel)
-            z_values = result.slices[label]
-            margin = settings.margin_px
-            if margin is None:
-                margin = default_margin((image.shape[2], image.shape[3]), method.config or PipelineConfig())
+            z_values = entry.z_values
+            margin = entry.margin(settings, method.config or PipelineConfig())
             reference_z = {seed: int(z_values[np.random.default_rng(10_000 + seed).integers(len(z_values))]) for seed in settings.seeds}
             for z in z_values:
                 truth_mask = truth(z)
@@ -385,8 +431,8 @@ class _MethodRun:
             self.log(f"  {label}: same-slice done ({len(z_values)} slices x {len(settings.seeds)} seeds)")
         if method.is_otsu_baseline or not ({"same-file", "cross-file"} & set(settings.settings)):
             return
-        for spec, image, truth in self.opened:
-            channel = image.resolve_channel(spec.image_channel)
+        for entry in self.opened:
+            spec, image, truth, channel = entry.spec, entry.image, entry.truth, entry.channel
             # one window per reference on this stack: walking z upwards computes each score map once
             windows = [self.window(ref, spec.label) for ref in references]
             for z in result.slices[spec.label]:

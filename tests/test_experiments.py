@@ -1,4 +1,4 @@
-"""The thesis's experiments (core.experiments.runs, ``python -m core experiments``) on two tiny synthetic stacks.
+"""The thesis's experiments (core.experiments, ``python -m core experiments``) on two tiny synthetic stacks.
 
 The stacks are 6 x 112 x 112 and are embedded at image_size 196 with the filter bank: a 14 x 14 patch grid whose
 nearest resize back to 112 px gives exact 8-pixel blocks, so in thesis mode a top-P % mask covers exactly
@@ -16,22 +16,26 @@ from core.features.backbones import RANDOM_LABEL, load_backbone
 from core.config import PipelineConfig
 from core.demo import make_demo
 from core.features.embedding_cache import EmbeddingCache
+from core.experiments.base import RANDOM_NOTE
+from core.experiments.figures import COLOURS, backbones_figure
+from core.experiments.report import write_figures, write_report
+from core.experiments import runs
 from core.experiments.runs import (
-    COLOURS,
-    RANDOM_NOTE,
-    backbones_figure,
     projection_rows,
-    protocol_points,
     run_backbones,
     run_points,
     run_separability,
     run_threshold,
     run_transfer,
     separability_scores,
-    write_figures,
-    write_report,
 )
-from core.protocol import EvalStack, ProtocolSettings
+from core.errors import ProtoscopeError
+from core.features.embedding import SliceEmbedder
+from core.io import open_stack
+from core.pipeline import build_scorer
+from core.protocol import EvalStack, ProtocolSettings, open_eval_stacks, protocol_points
+from core.thresholds import ThresholdSpec
+from core.window import ScoreWindow
 
 TINY = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
 CONFIG = PipelineConfig.thesis().with_options(image_size=196)
@@ -103,6 +107,48 @@ def test_threshold_sweep_keeps_exactly_p_percent_of_the_grid(stacks, filterbank,
     protocol = {(r["stack"], r["z"], r["seed"]): r["dice"] for r in backbones_result.tables["slices"]}
     assert at_ten == pytest.approx(protocol)
     assert len(result.figures["dice_vs_threshold"].data) == 3  # alpha, beta, pooled mean
+
+
+def test_threshold_masks_at_top_10_are_the_score_windows_masks(stacks, filterbank, cache, monkeypatch):
+    """The sweep's top:10 masks are ScoreWindow(fitted scorer).segment(z, top:10) for the protocol's points, with
+    z smoothing on (sigma 1 slice: the window averages slices z-2 .. z+2)."""
+    config = CONFIG.with_options(z_sigma=1.0)
+    masks = []
+    real_dice = runs.dice
+
+    def recording_dice(mask, truth):
+        masks.append(np.array(mask))
+        return real_dice(mask, truth)
+
+    monkeypatch.setattr(runs, "dice", recording_dice)
+    result = run_threshold(stacks[:1], [filterbank], config, SETTINGS, cache=cache, percents=(5, 10))
+    rows = result.tables["slices"]
+    assert len(masks) == len(rows) == 3 * 2  # slices 0, 2, 5 x 1 seed x 2 thresholds, one dice call per row
+    assert result.info["slices"] == {"alpha": [0, 2, 5]}
+    with open_stack(stacks[0].image_path) as image:
+        embedder = SliceEmbedder(image, 0, filterbank, config.preprocess, cache=cache)
+        for row, mask in zip(rows, masks):
+            if row["top_percent"] != 10:
+                continue
+            truth = np.asarray(image.read_slice(row["z"], 1)) > 0
+            # margin: half a 14 px patch at 196 px for a 112 px slice = 4 px
+            points = protocol_points(truth, row["z"], row["seed"], 25, 4)
+            window = ScoreWindow(build_scorer(embedder, points, config, seed=row["seed"]), embedder)
+            expected = window.segment(row["z"], threshold=ThresholdSpec("top", 10)).mask
+            assert expected.shape == (112, 112) and expected.sum() == 20 * 64  # 20 of 196 patches of 8 x 8 px
+            np.testing.assert_array_equal(mask, expected)
+
+
+def test_open_eval_stacks_picks_the_protocols_slices_and_closes(stacks):
+    with open_eval_stacks(stacks, SETTINGS) as opened:
+        assert [entry.label for entry in opened] == ["alpha", "beta"]
+        assert [entry.z_values for entry in opened] == [[0, 2, 5], [0, 2, 5]]  # linspace(0, 5, 3) rounded
+        assert opened[0].channel == 0 and opened[0].notes == []
+        assert opened[0].margin(SETTINGS, CONFIG) == 4  # ceil(14 / 2 * 112 / 196)
+        assert opened[0].truth(2).dtype == bool
+    with pytest.raises(ProtoscopeError, match="same name"):
+        with open_eval_stacks([stacks[0], stacks[0]], SETTINGS):
+            pass
 
 
 def test_transfer_matrix_is_n_by_n_with_same_file_on_the_diagonal(stacks, filterbank, cache):
@@ -268,3 +314,24 @@ def test_failed_png_export_warns_and_keeps_the_html(tmp_path, monkeypatch):
     assert written == [tmp_path / "bars.html"] and (tmp_path / "bars.html").is_file()
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob(".*"))
     assert len(warnings) == 1 and "PNG export failed" in warnings[0] and "Chrome" in warnings[0]
+
+
+def test_png_export_writes_through_temp_files(tmp_path, monkeypatch):
+    """kaleido writes into atomic temps (suffix .png kept, so it picks the format); each is renamed to <stem>.png."""
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    targets = []
+
+    def fake_write_images(figures, paths, width, height):
+        for path in paths:
+            targets.append(path)
+            path.write_bytes(b"png")
+
+    monkeypatch.setattr(pio, "write_images", fake_write_images)
+    figures = {"a": go.Figure(go.Bar(x=[1], y=[1])), "b": go.Figure(go.Bar(x=[2], y=[2]))}
+    written = write_figures(figures, tmp_path, png=True)
+    assert [p.name for p in written] == ["a.html", "b.html", "a.png", "b.png"]
+    assert len(targets) == 2 and all(t.suffix == ".png" and t.parent == tmp_path for t in targets)
+    assert {t.name for t in targets}.isdisjoint({"a.png", "b.png"})
+    assert (tmp_path / "a.png").read_bytes() == b"png" and not list(tmp_path.glob(".*"))

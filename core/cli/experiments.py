@@ -20,7 +20,7 @@ def split_experiments(items: list[str]) -> tuple[list[str], list[str]]:
 
     ['backbones', 'separability', 'a.tif'] -> (['backbones', 'separability'], ['a.tif']).
     """
-    from core.experiments.runs import EXPERIMENTS
+    from core.experiments.base import EXPERIMENTS
 
     names: list[str] = []
     index = 0
@@ -89,7 +89,9 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def cmd_experiments(args: argparse.Namespace) -> int:
-    from core.experiments.runs import run_experiments, write_index, write_report
+    from core.experiments.base import RANDOM_NOTE
+    from core.experiments.report import headline_table, write_index, write_report
+    from core.experiments.runs import run_experiments
     from core.protocol import EvalStack, ProtocolSettings
 
     names, stack_paths = split_experiments(args.items)
@@ -132,12 +134,10 @@ def cmd_experiments(args: argparse.Namespace) -> int:
         projections=() if args.no_projections else (("pca",) if args.no_umap else ("pca", "umap")),
         max_points=args.scatter_points, umap_max_samples=args.umap_samples, on_done=write,
     )
-    from core.experiments.runs import headline_table
-
     for name, experiment in results.items():
         print(f"## {name}\n\n{headline_table(experiment)}\n")
     if any(b.is_random for b in backbones):
-        print("WARNING: RANDOM WEIGHTS — plumbing only, not results", file=sys.stderr)
+        print(f"WARNING: {RANDOM_NOTE}", file=sys.stderr)
     return 0
 
 
