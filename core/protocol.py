@@ -33,7 +33,7 @@ from core.config import PipelineConfig
 from core.features.embedding import SliceEmbedder
 from core.features.embedding_cache import EmbeddingCache
 from core.errors import ProtoscopeError, StackError
-from core.io import Stack, open_stack
+from core.io import Stack, open_stack, stack_label
 from core.metrics import segmentation_scores, summarize
 from core.pipeline import Scorer, build_scorer
 from core.prototypes import PointSet, Prototype
@@ -42,6 +42,7 @@ from core.window import ScoreWindow
 
 BASELINES = ("otsu", "intensity")
 SETTINGS = ("same-slice", "same-file", "cross-file")
+NO_CACHE_MEMO_BYTES = 2 << 30  # per stack, when evaluating without a disk cache (bytes)
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class EvalStack:
 
     @property
     def label(self) -> str:
-        return self.name or Path(self.image_path).stem
+        return self.name or stack_label(self.image_path)
 
 
 @dataclass(frozen=True)
@@ -354,8 +355,15 @@ class _MethodRun:
             for entry in opened:
                 key = (entry.label, method.config.preprocess.signature(), backbone.signature())
                 if key not in embedders:
-                    embedders[key] = SliceEmbedder(entry.image, entry.spec.image_channel, backbone,
-                                                   method.config.preprocess, cache=cache)
+                    embedder = SliceEmbedder(entry.image, entry.spec.image_channel, backbone,
+                                             method.config.preprocess, cache=cache)
+                    if cache is None:
+                        # same-slice and transfer passes walk the slices twice: without a disk cache, keep the
+                        # stack's evaluated slices (and their z neighbours) in memory, up to NO_CACHE_MEMO_BYTES
+                        needed = len(entry.z_values) + 4 * max(0.0, method.config.z_sigma) + 1
+                        embedder.memo_bytes = int(min(NO_CACHE_MEMO_BYTES,
+                                                      max(embedder.memo_bytes, needed * embedder.embedding_nbytes)))
+                    embedders[key] = embedder
                 self.embedders[entry.label] = embedders[key]
 
     # -- segmentation of one target slice with one reference

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from core.experiments.base import RANDOM_NOTE, group_rows
-from core.features.backbones import RANDOM_LABEL
+from core.features.registry import RANDOM_LABEL
 
 __all__ = ["COLOURS", "backbones_figure", "is_random_label", "points_figure", "projection_figure",
            "threshold_figure", "transfer_figure"]
