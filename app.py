@@ -9,17 +9,15 @@ from __future__ import annotations
 import streamlit as st
 
 from core.features.backbones import weights_status
-from core.config import OPTION_NAMES, PipelineConfig, Scoring, Upsampling, parse_option_assignments
+from core.config import OPTION_NAMES, Scoring, Upsampling
 from core.errors import ProtoscopeError
-from core.thresholds import ThresholdSpec
 from ui import home, layout, resources, settings, state
 from ui.state import BackboneChoice
 
 
 def sample_section() -> None:
     st.subheader("1 · Sample")
-    source = st.radio("Open", home.SOURCES, horizontal=True, key=state.bind("home.source", home.SOURCES[0]),
-                      on_change=state.store, args=("home.source",))
+    source = st.radio("Open", home.SOURCES, horizontal=True, **state.widget("home.source", home.SOURCES[0]))
     if source == home.SOURCES[0]:
         st.caption("A small synthetic stack made by `core/demo.py` (bright winding vessels, round cells as "
                    "distractors, noise); channel 1 is its ground truth. It is not a real sample.")
@@ -57,8 +55,7 @@ def path_picker() -> None:
         choices = ([".."] if rel else []) + [f.name + "/" for f in folders]
         pick = st.selectbox("Folder", choices, index=None, placeholder="go into a folder…", key="home.browse_pick")
         if pick:
-            parent = str(folder.parent.relative_to(root)) if pick == ".." else str((folder / pick.rstrip("/")).relative_to(root))
-            _enter_folder("" if parent == "." else parent)
+            _enter_folder(home.picked_folder(folder, root, pick))
             st.rerun()
         if rel and st.button("Open this folder as a stack of images", key="home.open_folder"):
             home.open_path(str(folder))
@@ -86,19 +83,17 @@ def channel_section() -> None:
     n_channels = stack.shape[1]
     names = stack.channel_names
     channel = st.selectbox("Image channel", list(range(n_channels)), format_func=lambda c: f"{c}: {names[c]}",
-                           key=state.bind("home.channel", 0), on_change=state.store, args=("home.channel",))
+                           **state.widget("home.channel", 0))
     kinds = ["None", "A channel of this stack", "A mask file"]
     kind = st.radio("Ground truth (optional: for the feature-space scores and the Evaluate page)", kinds,
-                    horizontal=True, key=state.bind("home.truth_kind", "None"), on_change=state.store,
-                    args=("home.truth_kind",))
+                    horizontal=True, **state.widget("home.truth_kind", "None"))
     if kind == "None":
         state.put("home.truth", None)
     elif kind == kinds[1]:
         default = next((c for c in range(n_channels) if c != channel), 0)
         truth_channel = st.selectbox("Ground-truth channel", list(range(n_channels)),
                                      format_func=lambda c: f"{c}: {names[c]}",
-                                     key=state.bind("home.truth_channel", default), on_change=state.store,
-                                     args=("home.truth_channel",))
+                                     **state.widget("home.truth_channel", default))
         try:
             state.put("home.truth", home.truth_from_channel(stack, channel, truth_channel))
         except ProtoscopeError as error:
@@ -133,22 +128,19 @@ def backbone_section() -> None:
     left, right = st.columns(2)
     with left:
         name = st.selectbox("Backbone", names, format_func=home.backbone_title,
-                            key=state.bind("home.backbone_name", active.name), on_change=state.store,
-                            args=("home.backbone_name",))
+                            **state.widget("home.backbone_name", active.name))
     is_dinov2 = name != "filterbank"
     weights = "hub"
     with right:
         if is_dinov2:
             kinds = list(home.WEIGHT_KINDS)
             kind = st.radio("Weights", kinds, format_func=home.WEIGHT_KINDS.get, horizontal=True,
-                            key=state.bind("home.weights_kind", "hub"), on_change=state.store,
-                            args=("home.weights_kind",))
+                            **state.widget("home.weights_kind", "hub"))
             if kind == "hub":
                 st.caption(f"Hugging Face cache: {weights_status(name)}")
             elif kind == "path":
                 weights = st.text_input("Weights path (a Hugging Face model folder or Meta's *_pretrain.pth)",
-                                        key=state.bind("home.weights_path", ""), on_change=state.store,
-                                        args=("home.weights_path",)).strip()
+                                        **state.widget("home.weights_path", "")).strip()
             else:
                 weights = "random"
                 st.warning("RANDOM WEIGHTS — timing only: masks made with them mean nothing.", icon=":material/warning:")
@@ -171,62 +163,37 @@ def backbone_section() -> None:
 
 def mode_section() -> None:
     st.subheader("4 · Mode")
-    mode = st.radio("Pipeline", list(home.MODES), horizontal=True, key=state.bind("home.mode", "best"),
-                    on_change=home.on_mode_change, format_func=home.MODES.get,
+    mode = st.radio("Pipeline", list(home.MODES), horizontal=True,
+                    **state.widget("home.mode", "best", on_change=home.on_mode_change), format_func=home.MODES.get,
                     help="The mode can also be switched in the sidebar of every page.")
-    base = PipelineConfig.for_mode(mode)
     if state.get("home.options_mode") != mode:  # a mode switch starts from that mode's own settings
         home.reset_mode_options(mode)
     with st.expander("Advanced options"):
         options = {}
         options["negative_weight"] = st.slider("Negative weight λ (S = Sp − λ·Sn)", 0.0, 2.0, step=0.05,
-                                               key=state.bind("home.opt_lambda", 0.8), on_change=state.store,
-                                               args=("home.opt_lambda",))
+                                               **state.widget("home.opt_lambda", 0.8))
         options["scoring"] = st.selectbox("Scoring", [s.value for s in Scoring],
-                                          key=state.bind("home.opt_scoring", "mean"), on_change=state.store,
-                                          args=("home.opt_scoring",))
-        upsampling = st.selectbox("Upsampling of the patch scores", ["(mode default)"] + [u.value for u in Upsampling],
-                                  key=state.bind("home.opt_upsampling", "(mode default)"), on_change=state.store,
-                                  args=("home.opt_upsampling",))
-        options["upsampling"] = None if upsampling.startswith("(") else upsampling
-        normalization = st.selectbox("Intensity normalisation", ["(mode default)", "slice", "stack"],
-                                     key=state.bind("home.opt_normalization", "(mode default)"), on_change=state.store,
-                                     args=("home.opt_normalization",),
+                                          **state.widget("home.opt_scoring", "mean"))
+        options["upsampling"] = st.selectbox("Upsampling of the patch scores", ["(mode default)"] + [u.value for u in Upsampling],
+                                  **state.widget("home.opt_upsampling", "(mode default)"))
+        options["normalization"] = st.selectbox("Intensity normalisation", ["(mode default)", "slice", "stack"],
+                                     **state.widget("home.opt_normalization", "(mode default)"),
                                      help="slice: percentiles of each slice (thesis); stack: one scale for the "
                                           "whole stack, so transferred prototypes see the same intensities")
-        options["normalization"] = None if normalization.startswith("(") else normalization
-        classifier = st.selectbox("Pixel classifier", ["(mode default)", "none", "forest", "linear"],
-                                  key=state.bind("home.opt_pixel_classifier", "(mode default)"), on_change=state.store,
-                                  args=("home.opt_pixel_classifier",),
+        options["pixel_classifier"] = st.selectbox("Pixel classifier", ["(mode default)", "none", "forest", "linear"],
+                                  **state.widget("home.opt_pixel_classifier", "(mode default)"),
                                   help="none: patch scores only; forest: random forest on per-pixel filter "
                                        "features of the clicked pixels (best mode); linear: logistic regression, "
                                        "faster and a little less accurate")
-        options["pixel_classifier"] = None if classifier.startswith("(") else classifier
-        threshold = st.text_input("Default threshold (top:P, score:T, otsu, calibrated; blank = mode default)",
-                                  key=state.bind("home.opt_threshold", ""), on_change=state.store,
-                                  args=("home.opt_threshold",)).strip()
-        if threshold:
-            ThresholdSpec.parse(threshold)  # ThresholdError says how to write it
-        options["threshold"] = threshold or None
+        options["threshold"] = st.text_input("Default threshold (top:P, score:T, otsu, calibrated; blank = mode default)",
+                                             **state.widget("home.opt_threshold", ""))
         more = st.text_area(
-            "More options (one name=value per line)", key=state.bind("home.opt_more", ""), on_change=state.store,
-            args=("home.opt_more",), placeholder="z_sigma=1\nhole_size_px=20\nmin_size_px=20",
+            "More options (one name=value per line)", **state.widget("home.opt_more", ""),
+            placeholder="z_sigma=1\nhole_size_px=20\nmin_size_px=20",
             help="Any option of `python -m core ... --option`: " + ", ".join(OPTION_NAMES) + ". z_sigma (Gaussian "
                  "smoothing of the scores along z, in slices) acts in Batch; the clean-up (hole_size_px, "
                  "min_size_px, closing_px, in pixels) acts everywhere. See docs/method.md.")
-        extra = parse_option_assignments([line for line in more.splitlines() if line.strip()])
-        owned = sorted(set(extra) & set(options))
-        if owned:
-            raise ProtoscopeError(f"set {', '.join(owned)} with {'its' if len(owned) == 1 else 'their'} own control "
-                                  "above, not in 'More options'")
-        options.update(extra)
-        # only what differs from the mode's defaults, so the mode's own (tuned) values stay in charge
-        if options["negative_weight"] == base.negative_weight:
-            options["negative_weight"] = None
-        if options["scoring"] == base.scoring.value:
-            options["scoring"] = None
-        base.with_options(**{k: v for k, v in options.items() if v not in (None, "")})  # a bad value stops here
-        state.put("home.options", options)
+        state.put("home.options", home.session_options(mode, options, more))  # a bad value stops here
     config = resources.pipeline_config()
     st.caption(f"Active: {config.describe()}")
 

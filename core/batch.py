@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from core.config import PipelineConfig, Upsampling
+from core.errors import OptionError
 from core.pipeline import Scorer
 from core.prototypes import Prototype
 from core.thresholds import ThresholdSpec
@@ -81,6 +82,58 @@ class BatchResult:
         return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """What a batch run of ``z_values`` will do, decided before it starts (shown by the app, followed by
+    ``apply_prototype``).
+
+    z_values : the requested slices, in the order requested.
+    needed : (sorted) every slice whose score map the run makes: the requested ones and their z-neighbours
+        for ``z_sigma`` smoothing.
+    embeds : whether the run reads patch embeddings; not for best mode's pixel classifier without a patch
+        projection, which computes its pixel features from the slice itself.
+    to_embed : (sorted) the needed slices not yet in the embedding cache (phase 'embed'; empty when not
+        ``embeds``). A cancelled run resumes with fewer of them.
+    """
+
+    z_values: tuple[int, ...]
+    needed: tuple[int, ...]
+    embeds: bool
+    to_embed: tuple[int, ...]
+
+    @property
+    def cached(self) -> int:
+        """How many needed slices are already embedded (they are skipped: the resume); 0 when not ``embeds``."""
+        return len(self.needed) - len(self.to_embed) if self.embeds else 0
+
+
+def plan_batch(
+    embedder: "SliceEmbedder",
+    prototype: Prototype,
+    z_values: Sequence[int],
+    *,
+    config: PipelineConfig | None = None,
+) -> BatchPlan:
+    """The plan of ``apply_prototype(embedder, prototype, z_values, config=config)`` (one look into the cache).
+
+    Raises OptionError for a slice outside the stack.
+
+    >>> plan_batch(embedder, thesis_prototype, [2], config=config_with_z_sigma_1)   # doctest: +SKIP
+    BatchPlan(z_values=(2,), needed=(0, 1, 2, 3, 4), embeds=True, to_embed=(...))
+    """
+    config = config or prototype.config
+    n_slices = embedder.n_slices
+    outside = [int(z) for z in z_values if not 0 <= z < n_slices]
+    if outside:
+        raise OptionError(f"slice z={outside[0]} is outside the stack (0-{n_slices - 1}); choose slices in that range")
+    # Scorer(prototype, config) is pixel-level exactly when config.uses_pixels (it refuses otherwise)
+    embeds = not config.uses_pixels or prototype.pixel_projection is not None
+    needed = tuple(sorted({k for z in z_values for k in neighbourhood(int(z), config.z_sigma, n_slices)}))
+    cached = embedder.cached_slices() if embeds else set()  # one look into the cache file (empty without a cache)
+    to_embed = tuple(z for z in needed if z not in cached) if embeds else ()
+    return BatchPlan(tuple(int(z) for z in z_values), needed, embeds, to_embed)
+
+
 def _eta(start: float, done: int, total: int) -> float | None:
     if done == 0:
         return None
@@ -117,21 +170,16 @@ def apply_prototype(
     scores, smooths along z, thresholds and hands each mask to the sink. Score maps are kept only for the
     z window that smoothing needs.
     """
+    plan = plan_batch(embedder, prototype, z_values, config=config)
     scorer = Scorer(prototype, config)
     config = scorer.config
-    for z in z_values:
-        if not 0 <= z < embedder.n_slices:
-            raise ValueError(f"slice z={z} is outside the stack (0-{embedder.n_slices - 1})")
     started = time.perf_counter()
     result = BatchResult(z_values=list(z_values))
     if voxel_size is not None:
         result.pixel_area_um2 = float(voxel_size.x * voxel_size.y)
         result.z_step_um = float(voxel_size.z)
-    needs_patches = not scorer.pixel_level or prototype.pixel_projection is not None
-    if needs_patches:
-        needed = sorted({k for z in z_values for k in neighbourhood(z, config.z_sigma, embedder.n_slices)})
-        cached = embedder.cached_slices()  # one look into the cache file (empty set without a cache)
-        todo = [z for z in needed if z not in cached]
+    if plan.embeds:
+        todo = list(plan.to_embed)
         start = time.perf_counter()
         reads = embedder.plan_reads(todo)
         for index, z in enumerate(todo):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import streamlit as st
 
+from core.batch import plan_batch
 from core.errors import ProtoscopeError
 from core.prototypes import load_prototype
 from core.thresholds import ThresholdSpec
@@ -22,16 +22,14 @@ def choose_prototype(ctx: resources.Context):
     labels = {"current": "current points (Segment page)", "saved": f"saved in this session ({len(saved)})",
               "upload": "upload a .npz prototype file"}
     source = st.radio("Prototype", SOURCES, format_func=labels.get, horizontal=True,
-                      key=state.bind("batch.source", "saved" if saved else "current"), on_change=state.store,
-                      args=("batch.source",))
+                      **state.widget("batch.source", "saved" if saved else "current"))
     if source == "current":
         with st.spinner("Building the prototype of the current points…", show_time=ctx.config.uses_pixels):
             built = segment.prototype_and_scorer(ctx, state.point_set(ctx.sid))
         if isinstance(built, str):
             st.info(f"No prototype from the current points yet. {built} (Segment page)")
             return None, ""
-        prototype = built[0]
-        return dataclasses.replace(prototype, config=prototype.config.with_options(threshold=segment.current_spec(ctx))), "current"
+        return segment.with_threshold(built[0], segment.current_spec(ctx)), "current"
     if source == "saved":
         if not saved:
             st.info("No prototypes saved yet: save some on the Segment page, or upload a .npz file.")
@@ -50,17 +48,15 @@ def choose_prototype(ctx: resources.Context):
 
 def choose_target(ctx: resources.Context, prototype):
     """The embedder of the stack to segment (this one, or another inside the data root)."""
-    target = st.radio("Stack", ["this", "other"], horizontal=True, key=state.bind("batch.target", "this"),
-                      on_change=state.store, args=("batch.target",),
+    target = st.radio("Stack", ["this", "other"], horizontal=True, **state.widget("batch.target", "this"),
                       format_func={"this": f"this stack: {ctx.sample.name}", "other": "another stack in the data root"}.get)
     if target == "this":
         return resources.embedder_for(ctx.sample.path, ctx.channel, ctx.choice, prototype.config.preprocess)
     c1, c2 = st.columns([3, 1])
     text = c1.text_input("Path of the other stack (relative to the data root, or absolute inside it)",
-                         key=state.bind("batch.other_path", ""), on_change=state.store, args=("batch.other_path",))
+                         **state.widget("batch.other_path", ""))
     channel = c2.number_input("Its image channel", min_value=-8, max_value=64, step=1,
-                              key=state.bind("batch.other_channel", 0), on_change=state.store,
-                              args=("batch.other_channel",))
+                              **state.widget("batch.other_channel", 0))
     if not text.strip():
         raise ProtoscopeError("type the path of the other stack, inside the data root "
                               f"{settings.data_root()}")
@@ -79,25 +75,19 @@ def run_controls(ctx: resources.Context) -> None:
     embedder = choose_target(ctx, prototype)
     stack = embedder.stack
     c1, c2 = st.columns(2)
-    z_text = c1.text_input("Slices (e.g. all, 0:40, 3,7,9)", key=state.bind("batch.z", "all"), on_change=state.store,
-                           args=("batch.z",))
+    z_text = c1.text_input("Slices (e.g. all, 0:40, 3,7,9)", **state.widget("batch.z", "all"))
     z_values = parse_z_spec(z_text, stack.shape[0])
     threshold_text = c2.text_input(f"Threshold (blank: the prototype's, {prototype.config.threshold})",
-                                   key=state.bind("batch.threshold", ""), on_change=state.store,
-                                   args=("batch.threshold",)).strip()
+                                   **state.widget("batch.threshold", "")).strip()
     threshold = ThresholdSpec.parse(threshold_text) if threshold_text else None
-    available = [k for k in batch.FORMATS if k != "ims" or stack.format == "ims"]
+    available = batch.available_formats(stack)
     if any(k not in available for k in state.get("batch.formats", [])):
         state.set_bound("batch.formats", [k for k in state.get("batch.formats") if k in available])
     formats = st.multiselect("Write", available, format_func=lambda k: f"{batch.FORMATS[k][0]} ({batch.FORMATS[k][1]})",
-                             key=state.bind("batch.formats", ["tif"]), on_change=state.store, args=("batch.formats",))
-    embeds = batch.needs_embeddings(embedder, prototype)
-    if embeds:
-        done = f"{batch.cached_count(embedder, z_values)} already embedded (cached, skipped)"
-    else:
-        done = "no patch embeddings needed (best mode's pixel classifier reads filter features of the slices)"
-    st.caption(f"{len(z_values)} slice(s) of {stack.name}; {done}; the per-slice areas are always written as CSV. "
-               f"Output folder: `{settings.output_dir(stack.path, create=False)}`")
+                             **state.widget("batch.formats", ["tif"]))
+    plan = plan_batch(embedder, prototype, z_values)
+    st.caption(f"{batch.plan_caption(plan, stack.name)}. Output folder: `{settings.output_dir(stack.path, create=False)}`")
+    embeds = plan.embeds
     if st.button("Run batch", type="primary", key="batch.run"):
         execute(embedder, prototype, name, z_values, formats, threshold, embeds)
     elif state.get("batch.running"):
@@ -122,49 +112,40 @@ def execute(embedder, prototype, name, z_values, formats, threshold, embeds: boo
     state.put("batch.running", False)
     state.put("batch.result", outputs)
     cancel.empty()
-    if outputs.cancelled:
+    if outputs.result.cancelled:
         st.warning("The batch was cancelled; run it again to resume from the cache.")
     else:
-        st.success(f"Batch finished: {len(outputs.z_values)} slices in {outputs.seconds:.1f} s.")
+        st.success(f"Batch finished: {len(outputs.z_values)} slices in {outputs.result.seconds:.1f} s.")
 
 
 def show_result() -> None:
     outputs: batch.BatchOutputs | None = state.get("batch.result")
-    if outputs is None or outputs.cancelled:
+    if outputs is None or outputs.result.cancelled:
         return
+    result = outputs.result
     st.subheader(f"Result · {outputs.stack_name}")
     c1, c2, c3 = st.columns(3)
-    c1.metric("Slices", len(outputs.z_values))
-    c2.metric("Mask voxels", f"{outputs.volume_voxels:,}")
-    c3.metric("Volume (µm³)", f"{outputs.volume_um3:,.0f}" if outputs.volume_um3 is not None else "n/a (no voxel size)")
+    c1.metric("Slices", len(result.z_values))
+    c2.metric("Mask voxels", f"{result.volume_voxels:,}")
+    c3.metric("Volume (µm³)", f"{result.volume_um3:,.0f}" if result.volume_um3 is not None else "n/a (no voxel size)")
     left, right = st.columns(2)
-    with left:
-        import plotly.graph_objects as go
-
-        values, label = batch.area_series(outputs)
-        fig = go.Figure(go.Scatter(x=outputs.z_values, y=values, mode="lines+markers", name=label))
-        fig.update_layout(height=320, margin=dict(l=10, r=10, t=30, b=10), xaxis_title="slice z", yaxis_title=label,
-                          title=f"Area per slice (threshold {outputs.threshold})")
-        st.plotly_chart(fig, key="batch.area_plot")
-    with right:
-        if outputs.montage_png:
-            st.image(outputs.montage_png, caption="Montage: evenly spaced slices with the mask outline (cyan)")
+    left.plotly_chart(batch.area_figure(outputs), key="batch.area_plot")
+    if outputs.montage_png:
+        right.image(outputs.montage_png, caption="Montage: evenly spaced slices with the mask outline (cyan)")
     st.markdown(f"**Files** written to `{outputs.folder}`")
-    for key, path_text in outputs.files.items():
-        path = Path(path_text)
-        size = path.stat().st_size if path.exists() else 0
-        title = "Per-slice areas (CSV)" if key == "csv" else batch.FORMATS[key][0]
-        if path.exists() and size <= settings.DOWNLOAD_LIMIT_BYTES:
-            st.download_button(f"Download {title} · {path.name} ({size / 1e6:.1f} MB)", data=lambda p=path: p.read_bytes(),
-                               file_name=path.name, key=f"batch.download.{key}", on_click="ignore")
+    for file in batch.output_files(outputs):
+        if file.downloadable:
+            st.download_button(f"Download {file.title} · {file.path.name} ({file.size / 1e6:.1f} MB)",
+                               data=lambda p=file.path: p.read_bytes(), file_name=file.path.name,
+                               key=f"batch.download.{file.key}", on_click="ignore")
         else:
-            st.caption(f"{title}: `{path}` ({size / 1e6:.0f} MB: too large to download through the browser; "
-                       "open it from the server's disk)")
+            st.caption(f"{file.title}: `{file.path}` ({file.size / 1e6:.0f} MB: too large to download through the "
+                       "browser; open it from the server's disk)")
 
 
 def page() -> None:
     layout.mode_switch()
-    ctx = resources.require_context()
+    ctx = layout.require_context()
     st.header("Batch")
     layout.run_page(lambda: run_controls(ctx))
     show_result()

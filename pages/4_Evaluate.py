@@ -11,35 +11,33 @@ def slice_controls(ctx: resources.Context) -> dict:
     """Which slices: evenly spaced (the thesis protocol) or exactly the ones typed. Returns evaluate.run's arguments."""
     n = ctx.n_slices
     how = st.radio("Slices", list(evaluate.SLICE_CHOICES), format_func=evaluate.SLICE_CHOICES.get, horizontal=True,
-                   key=state.bind("evaluate.slice_choice", "spaced"), on_change=state.store, args=("evaluate.slice_choice",))
+                   **state.widget("evaluate.slice_choice", "spaced"))
     if how == "chosen":
         text = st.text_input("Slices to evaluate (e.g. 12, 3,7,9, 0:24:4, all)",
-                             key=state.bind("evaluate.z", str(n // 2)), on_change=state.store, args=("evaluate.z",))
+                             **state.widget("evaluate.z", str(n // 2)))
         z_values = evaluate.parse_slices(text, n)  # ZSpecError says what is valid
         st.caption(f"{len(z_values)} slice(s): {evaluate.short_list(z_values)}")
         return {"z_values": z_values, "n_slices": len(z_values), "skip_ends": 0}
+    default_count, most_skip, default_skip = evaluate.spaced_defaults(n)
     c1, c2 = st.columns(2)
-    n_slices = c1.number_input("Number of slices", 1, n, key=state.bind("evaluate.n_slices", min(5, n)),
-                               on_change=state.store, args=("evaluate.n_slices",), help="evenly spaced between the skipped ends")
-    skip = c2.number_input("Skip at each end", 0, max(0, (n - 1) // 2), key=state.bind("evaluate.skip", min(2, (n - 1) // 2)),
-                           on_change=state.store, args=("evaluate.skip",), help="the thesis skips 40 of ~200")
+    n_slices = c1.number_input("Number of slices", 1, n, **state.widget("evaluate.n_slices", default_count),
+                               help="evenly spaced between the skipped ends")
+    skip = c2.number_input("Skip at each end", 0, most_skip, **state.widget("evaluate.skip", default_skip),
+                           help="the thesis skips 40 of ~200")
     return {"z_values": None, "n_slices": n_slices, "skip_ends": skip}
 
 
 def controls(ctx: resources.Context) -> None:
     chosen = slice_controls(ctx)
     c3, c4 = st.columns(2)
-    points = c3.number_input("Points per class", 1, 200, key=state.bind("evaluate.points", 25), on_change=state.store,
-                             args=("evaluate.points",), help="sampled from the ground truth, away from its boundary")
-    seeds = c4.number_input("Seeds", 1, 10, key=state.bind("evaluate.seeds", 1), on_change=state.store,
-                            args=("evaluate.seeds",))
+    points = c3.number_input("Points per class", 1, 200, **state.widget("evaluate.points", 25),
+                             help="sampled from the ground truth, away from its boundary")
+    seeds = c4.number_input("Seeds", 1, 10, **state.widget("evaluate.seeds", 1))
     c5, c6 = st.columns(2)
     methods = c5.multiselect("Methods", list(evaluate.METHODS), format_func=evaluate.METHODS.get,
-                             key=state.bind("evaluate.methods", ["session"]), on_change=state.store,
-                             args=("evaluate.methods",))
+                             **state.widget("evaluate.methods", ["session"]))
     settings = c6.multiselect("Settings", list(evaluate.ONE_STACK_SETTINGS),
-                              key=state.bind("evaluate.settings", ["same-slice", "same-file"]), on_change=state.store,
-                              args=("evaluate.settings",),
+                              **state.widget("evaluate.settings", ["same-slice", "same-file"]),
                               help="same-slice: prototypes from the slice itself; same-file: from one reference slice "
                                    "applied to the others")
     if st.button("Run evaluation", type="primary", key="evaluate.run"):
@@ -51,37 +49,26 @@ def controls(ctx: resources.Context) -> None:
 
 
 def show(result) -> None:
-    import pandas as pd
-    import plotly.express as px
-
     for note in result.notes:
         st.caption(f"Note: {note}")
     st.caption("Evaluated slices: " + "; ".join(f"{name}: {zs}" for name, zs in result.slices.items()))
     st.subheader("Summary (mean ± std)")
     st.dataframe(evaluate.summary(result), hide_index=True)
-    rows = evaluate.per_slice(result)
-    if not rows:
+    if not result.rows:
         return
-    table = pd.DataFrame(rows)
-    table.insert(0, "method / setting", table["method"] + " / " + table["setting"])
+    table = evaluate.per_slice_table(result)
     left, right = st.columns(2)
-    dice = px.strip(table, x="method / setting", y="dice", color="method / setting", hover_data=["z", "seed", "ref_z"],
-                    title="Dice per slice")
-    dice.update_layout(height=340, showlegend=False, yaxis_range=[0, 1], margin=dict(l=10, r=10, t=40, b=10))
-    left.plotly_chart(dice, key="evaluate.dice_plot")
-    hd = px.line(table.sort_values(["method / setting", "z"]), x="z", y="hd95_px", color="method / setting",
-                 markers=True, title="HD95 per slice (pixels)")
-    hd.update_layout(height=340, margin=dict(l=10, r=10, t=40, b=10))
-    right.plotly_chart(hd, key="evaluate.hd_plot")
+    left.plotly_chart(evaluate.dice_figure(table), key="evaluate.dice_plot")
+    right.plotly_chart(evaluate.hd95_figure(table), key="evaluate.hd_plot")
     st.subheader("Per slice")
     st.dataframe(table, hide_index=True)
-    st.download_button("Download the per-slice table (CSV)", data=table.to_csv(index=False), file_name="evaluation.csv", mime="text/csv",
-                       key="evaluate.download", on_click="ignore")
+    st.download_button("Download the per-slice table (CSV)", data=table.to_csv(index=False), file_name="evaluation.csv",
+                       mime="text/csv", key="evaluate.download", on_click="ignore")
 
 
 def page() -> None:
     layout.mode_switch()
-    ctx = resources.require_context()
+    ctx = layout.require_context()
     st.header("Evaluate")
     if ctx.truth is None:
         st.info("The evaluation compares masks with a ground truth: choose a ground-truth channel or mask file on the "

@@ -163,3 +163,25 @@ def test_imaris_copy_gets_the_mask_channel(shared_data, tmp_path_factory, monkey
     with h5py.File(copy, "r") as written:  # the prototype summary's 'λ' is written in Imaris's Latin-1 by core
         description = read_str_attr(written["DataSetInfo/Channel 3"], "Description")
     assert description.startswith("Protoscope masks of imariswriter_sample.ims (") and "?=" in description
+
+
+def test_plan_batch_names_the_slices_to_embed():
+    """core.batch.plan_batch, the plan the page shows and apply_prototype follows: z-neighbours within 2·z_sigma
+    are needed, cached ones are skipped; best mode's pixel classifier (no patch projection) embeds nothing."""
+    from types import SimpleNamespace
+
+    from core.batch import plan_batch
+    from core.config import PipelineConfig
+    from core.errors import OptionError
+
+    embedder = SimpleNamespace(n_slices=10, cached_slices=lambda: {1, 5, 8})
+    thesis = SimpleNamespace(config=PipelineConfig.for_mode("thesis").with_options(z_sigma=1), pixel_projection=None)
+    plan = plan_batch(embedder, thesis, [9, 2])
+    assert plan.z_values == (9, 2)
+    assert plan.needed == (0, 1, 2, 3, 4, 7, 8, 9)  # 2 ± 2 and 9 - 2 .. 9 (the stack ends at 9)
+    assert plan.embeds and plan.to_embed == (0, 2, 3, 4, 7, 9) and plan.cached == 2
+    best = SimpleNamespace(config=PipelineConfig.for_mode("best"), pixel_projection=None)
+    plan = plan_batch(embedder, best, [2])
+    assert (plan.needed, plan.embeds, plan.to_embed, plan.cached) == ((2,), False, (), 0)
+    with pytest.raises(OptionError, match="slice z=10 is outside the stack"):
+        plan_batch(embedder, thesis, [3, 10])

@@ -99,3 +99,21 @@ def test_umap_behind_its_button(app, monkeypatch):
     assert not app.exception and not app.error
     assert calls and calls[0][0] == 70 * 70
     assert app.get("plotly_chart")
+
+
+def test_a_rerun_does_not_normalise_the_slice_again(app, monkeypatch):
+    """The display image of the slice is memoised per (stack, slice, size): reruns (a selection, a radio) reuse it."""
+    from core.features.embedding import SliceEmbedder
+
+    calls = []
+    original = SliceEmbedder.normalized
+
+    def counting(self, z):
+        calls.append(z)
+        return original(self, z)
+
+    monkeypatch.setattr(SliceEmbedder, "normalized", counting)
+    app.run()
+    app.run()
+    assert not app.exception and not app.error
+    assert calls == []  # the first run (the fixture) made the display image; the reruns only recalled it

@@ -197,3 +197,23 @@ def test_output_folder_is_shown_without_being_created(tmp_path, monkeypatch):
     assert settings.output_dir(stack, root=tmp_path, create=False) == expected
     assert not expected.exists()  # only naming where results will go writes nothing
     assert settings.output_dir(stack, root=tmp_path) == expected and expected.is_dir()
+
+
+def test_session_options_keep_only_what_differs_from_the_mode():
+    """ui.home.session_options: '(mode default)' and blank mean the mode's value, so does a value equal to it;
+    an option typed under 'More options' that has its own control is refused."""
+    from pathlib import Path
+
+    from core.errors import OptionError, ProtoscopeError
+    from ui import home
+
+    controls = {"negative_weight": 0.8, "scoring": "knn", "upsampling": "(mode default)", "threshold": " top:5 "}
+    assert home.session_options("thesis", controls, "z_sigma=1\n\n") == {
+        "negative_weight": None, "scoring": "knn", "upsampling": None, "threshold": "top:5", "z_sigma": "1"}
+    with pytest.raises(ProtoscopeError, match="set scoring with its own control"):
+        home.session_options("thesis", controls, "scoring=mean")
+    with pytest.raises(OptionError, match="scoring"):
+        home.session_options("thesis", {**controls, "scoring": "max"}, "")
+    assert home.picked_folder(Path("/r/a/b"), Path("/r"), "..") == "a"
+    assert home.picked_folder(Path("/r/a"), Path("/r"), "..") == ""
+    assert home.picked_folder(Path("/r/a"), Path("/r"), "c/") == "a/c"

@@ -15,10 +15,10 @@ from typing import Callable
 
 import numpy as np
 
-from core.batch import MaskVolume, apply_prototype
+from core.batch import BatchPlan, BatchResult, MaskVolume, apply_prototype
 from core.features.embedding import SliceEmbedder
 from core.errors import ProtoscopeError
-from core.io import stack_label
+from core.io import Stack, stack_label
 from core.io.atomic import atomic_output
 from core.io.writers import write_masks
 from core.prototypes import Prototype
@@ -35,21 +35,23 @@ FORMATS = {
 
 @dataclass
 class BatchOutputs:
-    """A finished (or cancelled) run, kept in the session for display and downloads."""
+    """A finished (or cancelled) run, kept in the session for display and downloads: core's BatchResult (areas,
+    volume, timing) and what the app made of it (files written, montage)."""
 
     stack_name: str
-    z_values: list[int]
-    area_px: list[int]
-    area_um2: list[float] | None
-    volume_um3: float | None
-    volume_voxels: int
-    seconds: float
-    cancelled: bool = False
+    result: BatchResult
     folder: str = ""
     files: dict[str, str] = field(default_factory=dict)  # format key -> path ('csv' for the areas)
     montage_png: bytes = b""
-    csv_text: str = ""
     threshold: str = ""
+
+    @property
+    def z_values(self) -> list[int]:
+        return self.result.z_values
+
+    @property
+    def area_px(self) -> list[int]:
+        return self.result.area_px
 
 
 def safe_name(text: str) -> str:
@@ -69,17 +71,18 @@ def montage_slices(z_values: list[int], count: int = 12) -> list[int]:
     return [z_values[i] for i in picks]
 
 
-def needs_embeddings(embedder: SliceEmbedder, prototype: Prototype) -> bool:
-    """Whether applying the prototype reads patch embeddings (as core.batch.apply_prototype decides): not for best
-    mode's pixel classifier with the filter bank, which computes its pixel features from the slice itself."""
-    uses_pixels = prototype.config.uses_pixels and prototype.pixel_positive_examples is not None
-    return not uses_pixels or prototype.pixel_projection is not None
+def available_formats(stack: Stack) -> list[str]:
+    """Keys of FORMATS that fit the stack: the Imaris copy needs an .ims source."""
+    return [k for k in FORMATS if k != "ims" or stack.format == "ims"]
 
 
-def cached_count(embedder: SliceEmbedder, z_values: list[int]) -> int:
-    """How many of the requested slices are already embedded (they are skipped: the resume)."""
-    done = embedder.cached_slices()
-    return sum(1 for z in z_values if z in done)
+def plan_caption(plan: BatchPlan, stack_name: str) -> str:
+    """What the run will do (core.batch.plan_batch), in a sentence."""
+    if plan.embeds:
+        done = f"{plan.cached} already embedded (cached, skipped)"
+    else:
+        done = "no patch embeddings needed (best mode's pixel classifier reads filter features of the slices)"
+    return f"{len(plan.z_values)} slice(s) of {stack_name}; {done}; the per-slice areas are always written as CSV"
 
 
 def run(
@@ -107,9 +110,7 @@ def run(
     try:
         result = apply_prototype(embedder, prototype, z_values, volume, threshold=threshold,
                                  voxel_size=stack.voxel_size, on_progress=on_progress, should_stop=should_stop)
-        outputs = BatchOutputs(stack.name, list(z_values), list(result.area_px), result.area_um2, result.volume_um3,
-                               result.volume_voxels, result.seconds, result.cancelled, str(folder),
-                               csv_text=result.to_csv(), threshold=str(threshold or prototype.config.threshold))
+        outputs = BatchOutputs(stack.name, result, str(folder), threshold=str(threshold or prototype.config.threshold))
         if result.cancelled:
             return outputs
         # core.io.ims writes Imaris's Latin-1 strings itself ('λ' becomes '?' there; OME-TIFF and HDF5 keep it)
@@ -123,7 +124,7 @@ def run(
             outputs.files[key] = str(path)
         csv_path = folder / f"{base}_areas.csv"
         with atomic_output(csv_path) as temp:
-            temp.write_text(outputs.csv_text, encoding="utf-8")
+            temp.write_text(result.to_csv(), encoding="utf-8")
         outputs.files["csv"] = str(csv_path)
         picks = montage_slices(list(z_values))
         outputs.montage_png = render.to_png(render.montage(
@@ -136,9 +137,42 @@ def run(
 
 def area_series(outputs: BatchOutputs) -> tuple[list[float], str]:
     """Per-slice areas for the plot: µm² when the voxel size is known, else pixels; with the axis label."""
-    if outputs.area_um2 is not None:
-        return list(outputs.area_um2), "mask area (µm²)"
-    return [float(a) for a in outputs.area_px], "mask area (pixels)"
+    areas = outputs.result.area_um2
+    if areas is not None:
+        return list(areas), "mask area (µm²)"
+    return [float(a) for a in outputs.result.area_px], "mask area (pixels)"
+
+
+def area_figure(outputs: BatchOutputs):
+    """Plotly line of the area per slice (µm² when the voxel size is known)."""
+    import plotly.graph_objects as go
+
+    values, label = area_series(outputs)
+    fig = go.Figure(go.Scatter(x=outputs.z_values, y=values, mode="lines+markers", name=label))
+    fig.update_layout(height=320, margin=dict(l=10, r=10, t=30, b=10), xaxis_title="slice z", yaxis_title=label,
+                      title=f"Area per slice (threshold {outputs.threshold})")
+    return fig
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One written file: its title, path, size (bytes) and whether it is small enough for a browser download."""
+
+    key: str
+    title: str
+    path: Path
+    size: int
+    downloadable: bool
+
+
+def output_files(outputs: BatchOutputs) -> list[OutputFile]:
+    files = []
+    for key, path_text in outputs.files.items():
+        path = Path(path_text)
+        size = path.stat().st_size if path.exists() else 0
+        title = "Per-slice areas (CSV)" if key == "csv" else FORMATS[key][0]
+        files.append(OutputFile(key, title, path, size, path.exists() and size <= settings.DOWNLOAD_LIMIT_BYTES))
+    return files
 
 
 def format_eta(seconds: float | None) -> str:

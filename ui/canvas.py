@@ -17,6 +17,8 @@ from typing import Any, Sequence
 
 import streamlit as st
 
+from ui import state
+
 POINT_RADIUS = 4  # display px
 STROKE_WIDTH = 2
 COLORS = {1: "#00dc00", -1: "#ff2828"}  # positive / negative
@@ -90,6 +92,32 @@ def sync_points(
         x, y = to_image_xy(obj, display, slice_shape)
         merged.append([x, y, stored[index][2] if index < len(stored) else int(label)])
     return merged, max(0, len(objects) - len(stored))
+
+
+def prepare(sid: str, z: int, display: tuple[int, int], slice_shape: tuple[int, int]) -> tuple[str, int, dict]:
+    """Take in the clicks the canvas of slice z sent, before anything is drawn; (canvas key, label, initial drawing).
+
+    The key holds the label (``segment.label``): a radio change gives a fresh canvas drawing in the new colour (an
+    existing one would lag a click behind); the clicks of the canvas shown before the change are merged too.
+    A canvas being mounted starts from the points as they are now; a mounted one keeps its first snapshot.
+    """
+    label = 1 if state.get("segment.label", "positive") == "positive" else -1
+    stem = f"segment.canvas.{sid}.{z}.{display[0]}.{state.get('segment.generation')}"
+    key = f"{stem}.{label}"
+    last = state.get("segment.canvas_last")
+    sources = [(last[0], last[1])] if last and last[0] != key and last[0].startswith(stem + ".") else []
+    for source, source_label in sources + [(key, label)]:
+        stored = state.slice_points(sid, z)
+        merged, _ = sync_points(stored, read_objects(source), source_label, display, slice_shape)
+        if merged != stored:
+            state.set_slice_points(sid, z, merged)
+    state.put("segment.canvas_last", (key, label))
+    snapshots = state.get("segment.snapshots")
+    if key not in snapshots or read_objects(key) is None:
+        snapshots[key] = snapshot(state.slice_points(sid, z), display, slice_shape)
+        while len(snapshots) > 64:
+            snapshots.pop(next(iter(snapshots)))
+    return key, label, snapshots[key]
 
 
 def draw(key: str, background_png: bytes, initial: dict, display: tuple[int, int], label: int) -> Any:

@@ -10,7 +10,7 @@ from core.errors import ProtoscopeError
 from core.io import stack_label
 from core.protocol import BASELINES, EvalStack, EvaluationResult, Method, ProtocolSettings, evaluate
 from core.zspec import parse_z_spec
-from ui import resources, settings
+from ui import resources
 from ui.resources import Context
 
 #: Settings that make sense for one stack (cross-file needs two or more).
@@ -40,6 +40,12 @@ def methods_for(ctx: Context, names: list[str]) -> list[Method]:
     if not methods:
         raise ProtoscopeError("choose at least one method to evaluate")
     return methods
+
+
+def spaced_defaults(n: int) -> tuple[int, int, int]:
+    """For a stack of n slices: (default number of evenly spaced slices, most slices to skip at each end, default
+    skip): 5 slices, 2 skipped at each end, as far as the stack allows."""
+    return min(5, n), max(0, (n - 1) // 2), min(2, (n - 1) // 2)
 
 
 def parse_slices(text: str, n_slices: int) -> tuple[int, ...]:
@@ -108,3 +114,32 @@ def summary(result: EvaluationResult) -> list[dict]:
                 row[key] = round(row[key], places)
         rows.append(row)
     return rows
+
+
+def per_slice_table(result: EvaluationResult):
+    """The per-slice rows as a DataFrame, led by a 'method / setting' column (for the plots and the CSV)."""
+    import pandas as pd
+
+    table = pd.DataFrame(per_slice(result))
+    table.insert(0, "method / setting", table["method"] + " / " + table["setting"])
+    return table
+
+
+def dice_figure(table):
+    """Plotly strip of Dice per slice, one column per method / setting."""
+    import plotly.express as px
+
+    fig = px.strip(table, x="method / setting", y="dice", color="method / setting", hover_data=["z", "seed", "ref_z"],
+                   title="Dice per slice")
+    fig.update_layout(height=340, showlegend=False, yaxis_range=[0, 1], margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def hd95_figure(table):
+    """Plotly lines of HD95 (pixels) along z, one line per method / setting."""
+    import plotly.express as px
+
+    fig = px.line(table.sort_values(["method / setting", "z"]), x="z", y="hd95_px", color="method / setting",
+                  markers=True, title="HD95 per slice (pixels)")
+    fig.update_layout(height=340, margin=dict(l=10, r=10, t=40, b=10))
+    return fig

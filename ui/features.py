@@ -38,6 +38,35 @@ def embeddings(ctx: Context, z: int) -> np.ndarray:
     return ctx.embedder.embed(z)
 
 
+@dataclass(frozen=True)
+class SlicePatches:
+    """A slice's patches as the page uses them: (N, D) embeddings row by row, the (h, w) grid, the data key."""
+
+    flat: np.ndarray
+    grid_shape: tuple[int, int]
+    key: str
+
+
+def slice_patches(ctx: Context, z: int) -> SlicePatches:
+    grid = embeddings(ctx, z)
+    return SlicePatches(grid.reshape(-1, grid.shape[-1]), (int(grid.shape[0]), int(grid.shape[1])), data_key(ctx, z))
+
+
+def color_options(has_truth: bool, has_mask: bool) -> list[str]:
+    """Keys of COLOR_BY available: the mask only once there is one, the ground truth only when chosen."""
+    return [k for k in COLOR_BY if (k != "truth" or has_truth) and (k != "mask" or has_mask)]
+
+
+def labels_for(color_by: str, ctx: Context, z: int, grid_shape: tuple[int, int], mask: np.ndarray | None,
+               truth: np.ndarray | None) -> Labelled:
+    """The patch labels to colour by: the (Y, X) mask, the (Y, X) ground truth or the clicked points."""
+    if color_by == "mask":
+        return mask_labels(mask, grid_shape)
+    if color_by == "truth":
+        return mask_labels(truth, grid_shape)
+    return point_labels(ctx, z, grid_shape)
+
+
 def data_key(ctx: Context, z: int) -> str:
     return f"{ctx.embedder.cache_key.digest()}:{z}"
 

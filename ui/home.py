@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.features.backbones import BACKBONES
-from core.config import PipelineConfig
+from core.config import PipelineConfig, parse_option_assignments
+from core.demo import ensure_demo
 from core.errors import ProtoscopeError, StackError
-from core.io import Stack
+from core.io import Stack, default_image_channel
+from core.thresholds import ThresholdSpec
 from ui import resources, settings, state
 from ui.state import Sample, Truth
 
@@ -19,20 +21,13 @@ MODES = {
 WEIGHT_KINDS = {"hub": "Hugging Face hub (cached)", "path": "Local weights (folder or .pth)", "random": "Random (timing only)"}
 
 
-def default_channel(stack: Stack) -> int:
-    """The lab convention: penultimate channel of a multi-channel .ims (the last holds the expert mask), else 0."""
-    if stack.format == "ims" and stack.shape[1] >= 2:
-        return stack.shape[1] - 2
-    return 0
-
-
 def open_sample(path: str | Path, origin: str, name: str | None = None) -> Sample:
     """Open a stack (checks it is readable), make it the session's sample and pick default channels."""
     path = Path(path).resolve()
     stack = resources.open_cached_stack(path)
     sample = Sample(str(path), origin, name or path.name)
     state.put("home.sample", sample)
-    channel = 0 if origin == "demo" else default_channel(stack)
+    channel = 0 if origin == "demo" else default_image_channel(stack)
     state.set_bound("home.channel", channel)
     truth = Truth(channel=1) if origin == "demo" and stack.shape[1] > 1 else None
     state.put("home.truth", truth)
@@ -43,8 +38,6 @@ def open_sample(path: str | Path, origin: str, name: str | None = None) -> Sampl
 
 
 def open_demo() -> Sample:
-    from core.demo import ensure_demo
-
     try:
         path = ensure_demo(settings.demo_dir())
     except OSError as error:
@@ -98,6 +91,44 @@ def describe_stack(stack: Stack) -> str:
     size = f"{voxel.x:g} x {voxel.y:g} x {voxel.z:g} µm" if voxel is not None else "unknown (areas in pixels only)"
     return (f"{stack.format} · {z} slices x {c} channel(s) x {y} x {x} px · {stack.dtype.name} · voxel {size}"
             + (f" · {stack.n_timepoints} time points (t=0 used)" if stack.n_timepoints > 1 else ""))
+
+
+def picked_folder(folder: Path, root: Path, pick: str) -> str:
+    """The folder (relative to the data root, '' for the root) the browser enters for ``pick``: '..' or 'name/'."""
+    target = folder.parent if pick == ".." else folder / pick.rstrip("/")
+    relative = str(target.relative_to(root))
+    return "" if relative == "." else relative
+
+
+def session_options(mode: str, controls: dict[str, object], more: str) -> dict[str, object]:
+    """The advanced options to keep in the session (``home.options``) from the Open sample page's controls.
+
+    controls : the value of each option's own control; '(mode default)' choices and blank text mean the mode's
+        value. more : 'name=value' lines of any other option. Only what differs from the mode's defaults is kept
+        (as None otherwise), so the mode's own tuned values stay in charge. Raises ThresholdError / OptionError
+        for a bad value, ProtoscopeError for an option given twice.
+    """
+    base = PipelineConfig.for_mode(mode)
+    options: dict[str, object] = {}
+    for name, value in controls.items():
+        if isinstance(value, str):
+            value = value.strip()
+            value = None if not value or value.startswith("(") else value
+        options[name] = value
+    if options.get("threshold"):
+        ThresholdSpec.parse(str(options["threshold"]))  # ThresholdError says how to write it
+    extra = parse_option_assignments([line for line in more.splitlines() if line.strip()])
+    owned = sorted(set(extra) & set(options))
+    if owned:
+        raise ProtoscopeError(f"set {', '.join(owned)} with {'its' if len(owned) == 1 else 'their'} own control "
+                              "above, not in 'More options'")
+    options.update(extra)
+    if options.get("negative_weight") == base.negative_weight:
+        options["negative_weight"] = None
+    if options.get("scoring") == base.scoring.value:
+        options["scoring"] = None
+    base.with_options(**{k: v for k, v in options.items() if v not in (None, "")})
+    return options
 
 
 def reset_mode_options(mode: str) -> None:

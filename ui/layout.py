@@ -9,7 +9,7 @@ import streamlit as st
 
 from core.devices import describe_device
 from core.errors import ProtoscopeError
-from ui import settings, state
+from ui import home, resources, settings, state
 
 LOG = logging.getLogger("protoscope.app")
 RANDOM_WARNING = "RANDOM WEIGHTS — timing only: the heatmaps and masks mean nothing."
@@ -39,10 +39,18 @@ def page_link(name: str, label: str, icon: str | None = None) -> None:
         st.page_link(page, label=label, icon=icon)
 
 
+def require_context() -> resources.Context:
+    """The page context, or a hint to open a sample first (and the page stops)."""
+    ctx = resources.context()
+    if ctx is None:
+        st.info("No sample is open. Open the synthetic demo or one of your stacks on the **Open sample** page.")
+        page_link("home", "Open sample", icon=":material/folder_open:")
+        st.stop()
+    return ctx
+
+
 def sidebar_status() -> None:
     """Sample, backbone (label, weights, device) and mode in the sidebar; a loud warning for random weights."""
-    from ui import resources
-
     with st.sidebar:
         sample = state.get("home.sample")
         if sample is None:
@@ -77,10 +85,8 @@ def sidebar_status() -> None:
 def mode_switch() -> None:
     """The mode radio in the sidebar, under the mode's description (every page but Open sample, which has its
     own with the advanced options): thesis mode stays one click away while segmenting."""
-    from ui import home
-
-    st.sidebar.radio("Mode", list(home.MODES), horizontal=True, key=state.bind("home.mode", "best"),
-                     on_change=home.on_mode_change, label_visibility="collapsed",
+    st.sidebar.radio("Mode", list(home.MODES), horizontal=True,
+                     **state.widget("home.mode", "best", on_change=home.on_mode_change), label_visibility="collapsed",
                      format_func=lambda m: m + (" (recommended)" if m == "best" else ""),
                      help="best: pixel classifier on filter features, calibrated threshold; thesis: reproduces the "
                           "thesis (patch cosine, top 10 %). Advanced options are on the Open sample page.")

@@ -165,6 +165,69 @@ def default_threshold(config: PipelineConfig) -> tuple[str, float, float]:
             float(spec.value) if spec.kind == "score" else 0.0)
 
 
+def sync_threshold_defaults(ctx: Context) -> None:
+    """Start the threshold controls from the mode's default, and again whenever the mode's default changes."""
+    kind, top, score = default_threshold(ctx.config)
+    if state.get("segment.threshold_source") != str(ctx.config.threshold):
+        state.put("segment.threshold_source", str(ctx.config.threshold))
+        state.set_bound("segment.th_kind", kind)
+        state.set_bound("segment.th_top", top)
+        state.set_bound("segment.th_score", score)
+
+
+def request_otsu() -> None:
+    """on_click of the Otsu button: the next run sets the absolute score to Otsu's threshold."""
+    st.session_state["segment.otsu_request"] = True
+
+
+def apply_otsu_request(view: View) -> ThresholdSpec | None:
+    """After an Otsu click: make the absolute score Otsu's threshold of the view's scores and return its spec
+    (None when there was no click or the view has no scores)."""
+    if not st.session_state.pop("segment.otsu_request", False) or view.segmentation is None:
+        return None
+    state.set_bound("segment.th_kind", "score")
+    state.set_bound("segment.th_score", round(otsu_score(view), 2))
+    return threshold_spec("score", 0, state.get("segment.th_score"))
+
+
+def choose_threshold(kind: str, key: str) -> None:
+    """on_change of a threshold slider: keep its value and make its kind the active one (the control the
+    user touches is in charge, e.g. moving the absolute score leaves best mode's calibrated threshold)."""
+    state.store(key)
+    state.set_bound("segment.th_kind", kind)
+
+
+def area_share(area_px: int, shape: tuple[int, int]) -> float:
+    """Percent of a (Y, X) slice covered by ``area_px`` pixels."""
+    return 100.0 * area_px / (shape[0] * shape[1])
+
+
+def show_threshold_in_effect(view: View, shape: tuple[int, int]) -> None:
+    """Let the sliders that are not in charge show the cut in effect: the absolute score of the threshold and the
+    share of the slice in the mask (to the slider's 0.5 % step), so that touching one starts from the current mask."""
+    if view.segmentation is None:
+        return
+    kind = state.get("segment.th_kind")
+    if kind != "score":
+        state.set_bound("segment.th_score", round(min(max(float(view.segmentation.threshold), -1.0), 1.0), 2))
+    if kind != "top":
+        share = area_share(view.area_px, shape)
+        state.set_bound("segment.th_top", min(max(round(share * 2) / 2, 0.5), 100.0))
+
+
+def choose_slice(ctx: Context, busy: str) -> int:
+    """The slice slider shared by Segment and Feature space (``segment.z``, middle slice at first); the slice is
+    embedded (once, then cached on disk) under a spinner saying ``busy``."""
+    n_slices = ctx.n_slices
+    if state.get("segment.z") is None or not 0 <= state.get("segment.z") < n_slices:
+        state.set_bound("segment.z", n_slices // 2)
+    z = st.slider("Slice z", 0, n_slices - 1, **state.widget("segment.z", n_slices // 2)) if n_slices > 1 else 0
+    if not ctx.embedder.is_cached(z):
+        with st.spinner(busy.format(z=z)):
+            ensure_embedded(ctx, z)
+    return z
+
+
 def current_spec(ctx: Context) -> ThresholdSpec:
     """The threshold the Segment page's controls hold (the mode's default before they were touched)."""
     kind, top, score = default_threshold(ctx.config)
@@ -309,6 +372,11 @@ def area_um2(area_px: int, voxel: VoxelSize | None) -> float | None:
     return None if voxel is None else float(area_px * voxel.x * voxel.y)
 
 
+def with_threshold(prototype: Prototype, spec: ThresholdSpec) -> Prototype:
+    """The prototype with ``spec`` as its threshold (what the Segment page's controls hold when it is saved)."""
+    return dataclasses.replace(prototype, config=prototype.config.with_options(threshold=spec))
+
+
 def unique_name(name: str, taken: list[str]) -> str:
     base = name.strip() or "prototype"
     candidate, index = base, 2
@@ -321,7 +389,7 @@ def save_prototype(ctx: Context, view: View, spec: ThresholdSpec, name: str) -> 
     """Keep the view's prototype, with the threshold now in use, in the session (and as .npz bytes)."""
     if view.prototype is None:
         raise ProtoscopeError("there is no prototype yet: click at least one positive point first")
-    prototype = dataclasses.replace(view.prototype, config=view.prototype.config.with_options(threshold=spec))
+    prototype = with_threshold(view.prototype, spec)
     saved_list = state.get("segment.prototypes")
     saved = SavedPrototype(unique_name(name, [p.name for p in saved_list]), prototype, prototype_to_bytes(prototype), ctx.sid)
     saved_list.append(saved)

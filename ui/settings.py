@@ -15,6 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from core.demo import DEMO_DIR
 from core.errors import ProtoscopeError
 from core.io import SUPPORTED_SUFFIXES
 
@@ -34,8 +35,6 @@ def demo_dir() -> Path:
     text = os.environ.get("PROTOSCOPE_DEMO_DIR", "").strip()
     if text:
         return Path(text).expanduser().resolve()
-    from core.demo import DEMO_DIR
-
     return DEMO_DIR
 
 

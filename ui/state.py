@@ -136,6 +136,21 @@ def store(key: str) -> None:
     st.session_state[key] = st.session_state["_w." + key]
 
 
+def widget(key: str, default: Any, *, on_change: Callable[..., None] | None = None,
+           args: tuple = ()) -> dict[str, Any]:
+    """A widget's session-state arguments for the persistent setting ``key``: ``st.radio(..., **widget(k, d))``.
+
+    Returns dict(key=bind(key, default), on_change=store, args=(key,)). A callback of its own
+    (``on_change``, called with ``args``) replaces ``store`` and must store the value itself.
+
+    >>> widget("home.mode", "best")   # doctest: +SKIP
+    {'key': '_w.home.mode', 'on_change': <function store>, 'args': ('home.mode',)}
+    """
+    if on_change is None:
+        on_change, args = store, (key,)
+    return {"key": bind(key, default), "on_change": on_change, "args": args}
+
+
 def set_bound(key: str, value: Any) -> None:
     """Change a bound setting from a callback (before its widget is drawn in this run)."""
     st.session_state[key] = value

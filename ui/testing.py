@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from core.io import open_stack
 from ui import canvas, render
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -70,8 +71,6 @@ def set_mode(at, mode: str):
 
 def demo_truth(z: int) -> np.ndarray:
     """(256, 256) bool ground truth of the demo's slice z (channel 1), read from the demo the app wrote."""
-    from core.io import open_stack
-
     folder = Path(os.environ.get("PROTOSCOPE_DEMO_DIR", PROJECT_ROOT / "assets" / "demo"))
     with open_stack(next(folder.glob("*.ome.tif"))) as stack:
         return np.asarray(stack.read_slice(z, 1)) > 0
