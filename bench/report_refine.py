@@ -5,7 +5,7 @@ prototype from 25 positive + 25 negative points sampled on that slice's ground t
 patch from the boundary; the points of ``python -m core evaluate``'s same-slice runs), applied to that
 slice (the same-slice heatmap and prototype mask, as in the thesis). Then, for each input set (raw,
 heatmap, raw+heatmap, raw+heatmap+mask) and seed: train on four stacks, validate (early stopping,
-threshold) on the fifth and score the refined masks on it (``core.refine.leave_one_out``), next to
+threshold) on the fifth and score the refined masks on it (``core.refine.loo.leave_one_out``), next to
 the prototype mask on the same slices (the thesis's "DINOv2 S/14" row becomes "prototype mask
 (filterbank, thesis mode)").
 
@@ -43,8 +43,10 @@ from core.io import open_stack  # noqa: E402
 from core.io.atomic import atomic_output  # noqa: E402
 from core.metrics import dice, hd95  # noqa: E402
 from core.protocol import EvalStack, select_slices  # noqa: E402
-from core.refine.model import INPUT_SETS, RefineConfig, leave_one_out  # noqa: E402
+from core.refine.loo import leave_one_out  # noqa: E402
+from core.refine.model import INPUT_SETS, RefineConfig, ShallowUNet  # noqa: E402
 from core.refine.samples import same_slice_samples  # noqa: E402
+from core.refine.train import combo_loss  # noqa: E402
 
 DEFAULT_DATA = (ROOT / ".." / "shared" / "data" / "vesselnn").resolve()
 RESULTS_JSON = ROOT / "docs" / "results" / "refine.json"
@@ -118,8 +120,6 @@ def thread_timing(input_size: int, base_channels: int, repeats: int = 3, steps: 
 
     Interleaved, so that both see the same load of the shared machine; the thread count in use is restored.
     """
-    from core.refine.model import ShallowUNet, combo_loss
-
     before = torch.get_num_threads()
     x = torch.rand(1, 2, input_size, input_size)
     y = (torch.rand(1, 1, input_size, input_size) > 0.5).float()
@@ -206,7 +206,7 @@ def write_markdown(report: dict, path: Path) -> None:
         stacks = list(report["stacks"])
         lines += ["", "Mean Dice per held-out stack:", "",
                   "| input | " + " | ".join(stacks) + " |", "|---|" + "---|" * len(stacks),
-                  f"| prototype mask | " + " | ".join(f"{proto['per_stack_dice'].get(k, float('nan')):.3f}" for k in stacks) + " |"]
+                  "| prototype mask | " + " | ".join(f"{proto['per_stack_dice'].get(k, float('nan')):.3f}" for k in stacks) + " |"]
         for name, run in block["input_sets"].items():
             lines.append(f"| {name} | " + " | ".join(f"{run['per_stack_dice'].get(k, float('nan')):.3f}" for k in stacks) + " |")
         epochs = [r["epochs_run"] for run in block["input_sets"].values() for r in run["rows"]]
@@ -233,8 +233,8 @@ def write_markdown(report: dict, path: Path) -> None:
         f"| max epochs / patience | {s['epochs']} / {s['patience']} | {THESIS_SETTINGS['epochs']} / {THESIS_SETTINGS['patience']} |",
         f"| U-Net base width | {s['base_channels']} | not stated (16 here) |",
         f"| points per class | {s['points']} (seed {s['point_seed']}, margin {s['margin'] or 'half a patch'}) | 25 |",
-        f"| loss, optimiser, batch | 0.5·BCE + 0.5·Dice, Adam 1e-3, batch 1, flips/rot90 augmentation | same |",
-        f"| heatmap normalisation | per slice, 1st-99th percentile to [0, 1] | not stated |",
+        "| loss, optimiser, batch | 0.5·BCE + 0.5·Dice, Adam 1e-3, batch 1, flips/rot90 augmentation | same |",
+        "| heatmap normalisation | per slice, 1st-99th percentile to [0, 1] | not stated |",
         "",
         "Slices used (z, with structure and background): "
         + "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in slices.items()) + ".",

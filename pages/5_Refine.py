@@ -7,6 +7,7 @@ from pathlib import Path
 import streamlit as st
 
 from core.errors import ProtoscopeError
+from core.protocol import EvalStack
 from core.refine.model import RefineConfig
 from core.zspec import parse_z_spec
 from ui import layout, refine, resources, settings, state
@@ -22,23 +23,22 @@ def remove_stack(index: int) -> None:
     state.put("refine.stacks", stacks)
 
 
-def training_stacks(ctx: resources.Context) -> list[refine.TrainingStack]:
+def training_stacks(ctx: resources.Context) -> list[EvalStack]:
     st.subheader("1 · Training stacks")
     st.caption("Stacks with a ground truth: the network learns to turn their prototype heatmaps into the truth.")
-    stacks: list[refine.TrainingStack] = []
+    stacks: list[EvalStack] = []
     current = None
-    if st.checkbox(f"This stack: {ctx.sample.name}", key=state.bind("refine.include_current", True),
-                   on_change=state.store, args=("refine.include_current",)):
+    if st.checkbox(f"This stack: {ctx.sample.name}", **state.widget("refine.include_current", True)):
         try:
             current = refine.stack_from_context(ctx)
             stacks.append(current)
-            st.caption(current.describe())
+            st.caption(refine.describe_stack(current))
         except ProtoscopeError as error:
             st.error(str(error))
     others = state.get("refine.stacks")
     for index, spec in enumerate(others):
         left, right = st.columns([5, 1], vertical_alignment="center")
-        left.markdown(f"`{spec.label}` · {spec.describe()}")
+        left.markdown(f"`{spec.label}` · {refine.describe_stack(spec)}")
         right.button("Remove", key=f"refine.remove.{index}", on_click=remove_stack, args=(index,))
     stacks += others
     with st.expander("Add a stack from the data root", expanded=current is None and not others):
@@ -62,21 +62,19 @@ def training_stacks(ctx: resources.Context) -> list[refine.TrainingStack]:
     return stacks
 
 
-def slices_section(stacks: list[refine.TrainingStack]) -> dict[str, list[int]]:
+def slices_section(stacks: list[EvalStack]) -> dict[str, list[int]]:
     st.subheader("2 · Slices")
     how = st.radio("Slices", list(SLICE_CHOICES), format_func=SLICE_CHOICES.get, horizontal=True,
-                   label_visibility="collapsed", key=state.bind("refine.slice_choice", "spaced"), on_change=state.store,
-                   args=("refine.slice_choice",))
+                   label_visibility="collapsed", **state.widget("refine.slice_choice", "spaced"))
     count, skip, text = 10, 2, "all"
     if how == "spaced":
         c1, c2 = st.columns(2)
-        count = c1.number_input("Slices per stack", 2, 500, key=state.bind("refine.count", 10), on_change=state.store,
-                                args=("refine.count",), help="the thesis used 25 per stack")
-        skip = c2.number_input("Skip at each end", 0, 500, key=state.bind("refine.skip", 2), on_change=state.store,
-                               args=("refine.skip",), help="shrinks for shallow stacks; the thesis skipped 40")
+        count = c1.number_input("Slices per stack", 2, 500, **state.widget("refine.count", 10),
+                                help="the thesis used 25 per stack")
+        skip = c2.number_input("Skip at each end", 0, 500, **state.widget("refine.skip", 2),
+                               help="shrinks for shallow stacks; the thesis skipped 40")
     else:
-        text = st.text_input("Slices (e.g. 0:40, 3,7,9, all)", key=state.bind("refine.z", "all"), on_change=state.store,
-                             args=("refine.z",))
+        text = st.text_input("Slices (e.g. 0:40, 3,7,9, all)", **state.widget("refine.z", "all"))
     z_values = refine.slice_lists(stacks, how, count, skip, text)
     st.caption(" · ".join(f"{label}: {len(zs)} slice(s) ({short_list(zs, 8)})" for label, zs in z_values.items())
                or "no stacks yet")
@@ -87,15 +85,13 @@ def inputs_section(ctx: resources.Context) -> dict:
     st.subheader("3 · Inputs")
     c1, c2 = st.columns(2)
     input_set = c1.selectbox("Input set", list(refine.INPUT_SETS), format_func=refine.INPUT_SETS.get,
-                             key=state.bind("refine.input_set", "raw+heatmap"), on_change=state.store,
-                             args=("refine.input_set",))
+                             **state.widget("refine.input_set", "raw+heatmap"))
     chosen = {"input_set": input_set, "heatmaps": "none", "prototype": None, "prototype_name": ""}
     if input_set == "raw":
         c2.caption("The raw slice alone needs no heatmap.")
         return chosen
     chosen["heatmaps"] = c2.radio("Heatmaps from", list(refine.HEATMAPS), format_func=refine.HEATMAPS.get,
-                                  key=state.bind("refine.heatmaps", "prototype"), on_change=state.store,
-                                  args=("refine.heatmaps",))
+                                  **state.widget("refine.heatmaps", "prototype"))
     if chosen["heatmaps"] == "prototype":
         saved = state.get("segment.prototypes")
         if not saved:
@@ -108,43 +104,34 @@ def inputs_section(ctx: resources.Context) -> dict:
         st.caption(chosen["prototype"].summary())
     else:
         c3, c4 = st.columns(2)
-        chosen["n_points"] = c3.number_input("Points per class and slice", 1, 200, key=state.bind("refine.n_points", 25),
-                                             on_change=state.store, args=("refine.n_points",))
-        chosen["points_seed"] = c4.number_input("Sampling seed", 0, 10_000, key=state.bind("refine.points_seed", 0),
-                                                on_change=state.store, args=("refine.points_seed",))
+        chosen["n_points"] = c3.number_input("Points per class and slice", 1, 200, **state.widget("refine.n_points", 25))
+        chosen["points_seed"] = c4.number_input("Sampling seed", 0, 10_000, **state.widget("refine.points_seed", 0))
         st.caption(f"Prototypes in the session's mode ({ctx.config.mode.value}), with {ctx.backbone.spec.name}.")
     return chosen
 
 
-def training_section(stacks: list[refine.TrainingStack]) -> tuple[dict, tuple, int]:
+def training_section(stacks: list[EvalStack]) -> tuple[dict, tuple, int]:
     st.subheader("4 · Training")
     c1, c2, c3, c4 = st.columns(4)
     config = {
-        "input_size": c1.select_slider("Input size (px)", list(refine.INPUT_SIZES), key=state.bind("refine.input_size", 128),
-                                       on_change=state.store, args=("refine.input_size",),
+        "input_size": c1.select_slider("Input size (px)", list(refine.INPUT_SIZES), **state.widget("refine.input_size", 128),
                                        help="slices are resized to this square; small is fast on a CPU (thesis: 980)"),
-        "max_epochs": c2.number_input("Epochs (at most)", 1, 500, key=state.bind("refine.epochs", 15),
-                                      on_change=state.store, args=("refine.epochs",)),
-        "patience": c3.number_input("Patience (epochs)", 1, 100, key=state.bind("refine.patience", 5),
-                                    on_change=state.store, args=("refine.patience",),
+        "max_epochs": c2.number_input("Epochs (at most)", 1, 500, **state.widget("refine.epochs", 15)),
+        "patience": c3.number_input("Patience (epochs)", 1, 100, **state.widget("refine.patience", 5),
                                     help="stop when the validation loss has not improved for this many epochs"),
-        "seed": c4.number_input("Seed", 0, 10_000, key=state.bind("refine.seed", 0), on_change=state.store,
-                                args=("refine.seed",)),
+        "seed": c4.number_input("Seed", 0, 10_000, **state.widget("refine.seed", 0)),
     }
     c5, c6, c7 = st.columns([1, 2, 1])
-    config["augment"] = c5.toggle("Augment (flips, 90° turns)", key=state.bind("refine.augment", True),
-                                  on_change=state.store, args=("refine.augment",))
+    config["augment"] = c5.toggle("Augment (flips, 90° turns)", **state.widget("refine.augment", True))
     kinds = {"fraction": "validate on a fraction of each stack's slices", "stack": "hold out one stack"}
-    kind = c6.radio("Validation", list(kinds), format_func=kinds.get, key=state.bind("refine.val_kind", "fraction"),
-                    on_change=state.store, args=("refine.val_kind",))
+    kind = c6.radio("Validation", list(kinds), format_func=kinds.get, **state.widget("refine.val_kind", "fraction"))
     if kind == "fraction":
-        value = c6.slider("Validation fraction", 0.1, 0.5, step=0.05, key=state.bind("refine.val_fraction", 0.2),
-                          on_change=state.store, args=("refine.val_fraction",), label_visibility="collapsed")
+        value = c6.slider("Validation fraction", 0.1, 0.5, step=0.05, **state.widget("refine.val_fraction", 0.2),
+                          label_visibility="collapsed")
     else:
         labels = [s.label for s in stacks]
         value = c6.selectbox("Validation stack", labels, key="refine.val_stack") if labels else ""
-    threads = c7.number_input("CPU threads", 1, 64, key=state.bind("refine.threads", refine.DEFAULT_THREADS),
-                              on_change=state.store, args=("refine.threads",),
+    threads = c7.number_input("CPU threads", 1, 64, **state.widget("refine.threads", refine.DEFAULT_THREADS),
                               help="torch threads of the training; 1 is fastest on a busy shared CPU")
     return config, (kind, value), int(threads)
 
@@ -224,8 +211,7 @@ def choose_model() -> refine.TrainedModel | None:
     options = names + ["upload"]
     if state.get("refine.model_pick") not in options:
         state.set_bound("refine.model_pick", names[-1] if names else "upload")
-    pick = st.selectbox("Model", options, key=state.bind("refine.model_pick", options[0]), on_change=state.store,
-                        args=("refine.model_pick",),
+    pick = st.selectbox("Model", options, **state.widget("refine.model_pick", options[0]),
                         format_func=lambda n: "upload a model file (.safetensors)" if n == "upload" else n)
     if pick != "upload":
         return models[names.index(pick)]
@@ -253,8 +239,7 @@ def apply_controls(ctx: resources.Context) -> None:
         name = st.selectbox("Prototype for the heatmaps", names, index=len(names) - 1, key="refine.apply_prototype")
         prototype = saved[names.index(name)].prototype
     refine.model_fits(model, prototype, name, ctx.backbone)  # a mismatch is a short error before anything runs
-    text = st.text_input("Slices (e.g. all, 0:40, 3,7,9)", key=state.bind("refine.apply_z", "all"), on_change=state.store,
-                         args=("refine.apply_z",))
+    text = st.text_input("Slices (e.g. all, 0:40, 3,7,9)", **state.widget("refine.apply_z", "all"))
     z_values = parse_z_spec(text, ctx.n_slices)
     st.caption(f"{len(z_values)} slice(s); masks are written as a multi-page TIFF (and the areas as CSV) to "
                f"`{settings.output_dir(ctx.stack.path, create=False)}`")

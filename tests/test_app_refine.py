@@ -1,11 +1,13 @@
 """AppTest of the Refine page: train a tiny U-Net on demo slices (input 32 px, 2 epochs) with the live plot's
-data, keep and reload the model, apply it to two slices (same masks as core's own apply); cancel; and the
-short errors for a stack without ground truth, a prototype of another backbone and a model of another one."""
+data, keep and reload the model, apply it to two slices (same masks as core's own apply); cancel; the
+short errors for a stack without ground truth, a prototype of another backbone, a model of another one and a
+corrupt model file; and the loaded network shared by the SHA-256 of the file's bytes."""
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 
@@ -13,7 +15,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from core.refine.model import RefineConfig, RefineSample, load_refiner, train_unet
+from core.errors import RefineError
+from core.refine.files import load_refiner
+from core.refine.model import RefineConfig, RefineSample
+from core.refine.train import train_unet
 from core.refine.samples import PrototypeMaps, slice_sample
 from ui import refine, testing
 
@@ -191,3 +196,48 @@ def test_adding_stacks_from_the_data_root(app, tmp_path, monkeypatch):
     app.button(key="refine.remove.0").click().run()
     assert app.session_state["refine.stacks"] == []
     assert not app.exception
+
+
+def tiny_model_bytes(backbone: str = "filterbank", seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    toy = [RefineSample(rng.random((8, 8)), rng.random((8, 8)), None, truth=rng.random((8, 8)) > 0.5, stack_id="t", z=z)
+           for z in range(2)]
+    result = train_unet(toy[:1], toy[1:], RefineConfig(input_size=8, max_epochs=1, base_channels=2, seed=seed),
+                        metadata={"backbone": backbone, "heatmap_mode": "best"})
+    return refine.refiner_bytes(result.refiner)
+
+
+def test_a_corrupt_model_file_is_a_short_error(app):
+    app.selectbox(key="_w.refine.model_pick").set_value("upload").run()
+    good = tiny_model_bytes()
+    for name, data, phrase in (("garbage.safetensors", b"not a safetensors file", "is not a readable safetensors file"),
+                               ("cut.safetensors", good[:-16], "the weights cannot be read"),
+                               ("head.safetensors", good[:40], "is not a readable safetensors file")):
+        app.file_uploader(key="refine.upload_model").upload(name, data).run()
+        errors = [e.value for e in app.error]
+        assert len(errors) == 1 and errors[0].startswith(f"model '{name}'") and phrase in errors[0], errors
+        assert "train a new model" in errors[0] and "Unexpected error" not in errors[0]
+        assert not app.exception
+        assert "refine.apply" not in [b.key for b in app.button]  # nothing to run with
+
+
+def test_the_network_is_loaded_once_per_file_content(monkeypatch):
+    calls = []
+    original = refine.refiner_from_bytes
+
+    def counting(data, **kwargs):
+        calls.append(len(data))
+        return original(data, **kwargs)
+
+    monkeypatch.setattr(refine, "refiner_from_bytes", counting)
+    refine._cached_refiner.clear()
+    first, other = tiny_model_bytes(seed=0), tiny_model_bytes(seed=1)
+    a = refine.load_model(first, expected_backbone="filterbank", name="a")
+    assert refine.load_model(bytes(first), name="a again") is a  # same bytes: the same network, not loaded again
+    assert len(calls) == 1
+    b = refine.load_model(other, name="b")
+    assert b is not a and len(calls) == 2
+    assert refine.model_digest(first) == hashlib.sha256(first).hexdigest()
+    # the backbone check runs on every use, also for a cached network
+    with pytest.raises(RefineError, match="model 'a' was trained on heatmaps from backbone 'filterbank'"):
+        refine.load_model(first, expected_backbone="dinov2_vits14", name="a")

@@ -1,4 +1,4 @@
-"""U-Net refinement (core.refine.model): network shapes, loss, threshold choice, training, save/load, LOO."""
+"""U-Net refinement (core.refine): network shapes, loss, threshold choice, training, save/load, LOO."""
 
 from __future__ import annotations
 
@@ -11,26 +11,21 @@ import torch
 from safetensors.torch import save_file
 from scipy.ndimage import gaussian_filter
 
-import core.refine.model as refine
+import core.refine.train as refine
+from core.errors import RefineError
 from core.metrics import dice
+from core.refine.files import load_refiner, read_refiner_metadata, save_refiner
+from core.refine.loo import leave_one_out
 from core.refine.model import (
     INPUT_SETS,
-    EpochReport,
     HeatmapNorm,
     RefineConfig,
-    RefineError,
     RefineSample,
     ShallowUNet,
-    combo_loss,
-    leave_one_out,
-    load_refiner,
     normalise_heatmap,
     prepare_inputs,
-    read_refiner_metadata,
-    save_refiner,
-    select_threshold,
-    train_unet,
 )
+from core.refine.train import EpochReport, combo_loss, select_threshold, train_unet
 
 TINY = dict(input_size=32, base_channels=4, augment=False)
 

@@ -4,7 +4,6 @@ core.refine.samples's sample building and validation splits."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import subprocess
@@ -25,7 +24,8 @@ from core.pipeline import build_prototype
 from core.preprocess import resize
 from core.protocol import EvalStack
 from core.prototypes import PointSet, load_prototype, save_prototype
-from core.refine.model import RefineSample, load_refiner, read_refiner_metadata
+from core.refine.files import load_refiner, read_refiner_metadata
+from core.refine.model import RefineSample
 from core.refine.samples import raw01, split_by_fraction, split_by_stack, stack_label, stack_samples
 
 PROJECT = Path(__file__).resolve().parents[1]

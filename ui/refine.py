@@ -1,22 +1,23 @@
-"""The Refine page's work: train a U-Net on prototype heatmaps and apply it (thesis §3.7; core.refine.model, core.refine.samples).
+"""The Refine page's work: train a U-Net on prototype heatmaps and apply it (thesis §3.7; core.refine).
 
-Training mirrors ``python -m core refine train``: every chosen slice of every training stack becomes a
-``RefineSample`` (raw slice, the prototype's heatmap and mask, the ground truth), the samples are split into
-training and validation slices, and ``core.refine.train_unet`` trains with early stopping. It runs in a
-background thread (``TrainJob``), so the page can draw a live loss plot, take a Cancel (``should_stop``: the best
-model so far is kept) and be left and come back to. Applying mirrors ``refine apply`` and the Batch page: the
-prototype's heatmap and mask of each slice, the refiner's probability, its threshold, a multi-page TIFF.
+Training mirrors ``python -m core refine train``: every chosen slice of every training stack (a
+``core.protocol.EvalStack``) becomes a ``RefineSample`` (raw slice, the prototype's heatmap and mask, the ground
+truth), the samples are split into training and validation slices, and ``core.refine.train.train_unet`` trains
+with early stopping. It runs in a background thread (``TrainJob``), so the page can draw a live loss plot, take
+a Cancel (``should_stop``: the best model so far is kept) and be left and come back to. Applying runs
+``core.refine.apply.refine_stack``, the loop of ``python -m core refine apply``, into a multi-page TIFF.
 
 Heatmaps come from a prototype saved on the Segment page (applied to every slice, as ``refine train`` does),
 or from per-slice prototypes built from points sampled on each slice's ground truth (``same_slice_samples``,
-the thesis's own U-Net experiments). Models are kept in the session as safetensors bytes and loaded through
-``core.refine.load_refiner``, which checks they fit the heatmaps' backbone.
+the thesis's own U-Net experiments). Models are kept in the session as safetensors bytes; the loaded network
+is shared through ``st.cache_resource``, keyed by the SHA-256 of those bytes, and checked against the
+heatmaps' backbone on every use.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,29 +25,31 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import streamlit as st
 
-from core.features.backbones import Backbone
 from core.config import PipelineConfig
+from core.errors import PrototypeError, ProtoscopeError, RefineError
+from core.features.backbones import Backbone
 from core.features.embedding_cache import EmbeddingCache
-from core.errors import PrototypeError, ProtoscopeError
-from core.io.atomic import atomic_output
+from core.io import stack_label
+from core.io.atomic import write_text
 from core.io.writers import TiffMaskWriter
 from core.metrics import dice
-from core.preprocess import resize
 from core.protocol import EvalStack, select_slices
 from core.prototypes import Prototype
-from core.refine.model import EpochReport, RefineConfig, RefineError, Refiner, load_refiner, save_refiner, train_unet
+from core.refine.apply import RefinedSlice, heatmap_mode_note, refine_stack, uses_prototype
+from core.refine.files import check_refiner, refiner_bytes, refiner_from_bytes
+from core.refine.model import RefineConfig, Refiner
 from core.refine.samples import (
     DEFAULT_MAX_SIDE,
     RAW_CLIP_PERCENTILES,
-    PrototypeMaps,
+    raw01,
     same_slice_samples,
-    slice_sample,
     split_by_fraction,
     split_by_stack,
-    stack_label,
     stack_samples,
 )
+from core.refine.train import EpochReport, train_unet
 from core.zspec import parse_z_spec
 from ui import render, resources, settings
 from ui.batch import format_eta, montage_slices, safe_name
@@ -74,37 +77,28 @@ DEFAULT_THREADS = 1
 # ---- training stacks ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TrainingStack:
-    """A stack with ground truth to train on: image channel, and the truth as a channel or a mask file."""
-
-    path: str
-    channel: int
-    truth_channel: int | None = None
-    truth_path: str | None = None
-
-    @property
-    def label(self) -> str:
-        return stack_label(self.path)
-
-    def eval_stack(self) -> EvalStack:
-        return EvalStack(Path(self.path), self.channel, mask_channel=self.truth_channel,
-                         mask_path=Path(self.truth_path) if self.truth_path else None, name=self.label)
-
-    def describe(self) -> str:
-        truth = f"truth channel {self.truth_channel}" if self.truth_path is None else f"truth {Path(self.truth_path).name}"
-        return f"{Path(self.path).name} · image channel {self.channel} · {truth}"
+def training_stack(path: str | Path, channel: int, *, truth_channel: int | None = None,
+                   truth_path: str | Path | None = None) -> EvalStack:
+    """A stack with ground truth to train on (a core EvalStack), labelled like every command (``stack_label``)."""
+    return EvalStack(Path(path), int(channel), mask_channel=truth_channel,
+                     mask_path=Path(truth_path) if truth_path is not None else None, name=stack_label(path))
 
 
-def stack_from_context(ctx: Context) -> TrainingStack:
+def describe_stack(spec: EvalStack) -> str:
+    """'file · image channel C · truth ...' for the list of training stacks."""
+    truth = f"truth channel {spec.mask_channel}" if spec.mask_path is None else f"truth {spec.mask_path.name}"
+    return f"{spec.image_path.name} · image channel {spec.image_channel} · {truth}"
+
+
+def stack_from_context(ctx: Context) -> EvalStack:
     """The open sample as a training stack; RefineError when it has no ground truth."""
     if ctx.truth is None:
         raise RefineError(f"'{ctx.sample.name}' has no ground truth: choose a ground-truth channel or mask file on "
                           "the Open sample page, or leave this stack out and add stacks with ground truth below")
-    return TrainingStack(ctx.sample.path, ctx.channel, ctx.truth.channel, ctx.truth.path)
+    return training_stack(ctx.sample.path, ctx.channel, truth_channel=ctx.truth.channel, truth_path=ctx.truth.path)
 
 
-def stack_from_root(path_text: str, channel: int, truth_channel: int | None, truth_path_text: str | None) -> TrainingStack:
+def stack_from_root(path_text: str, channel: int, truth_channel: int | None, truth_path_text: str | None) -> EvalStack:
     """A stack inside the data root with its ground truth (a channel, or a mask file inside the root), checked."""
     path = settings.resolve_in_root(path_text)
     stack = resources.open_cached_stack(path)
@@ -114,14 +108,14 @@ def stack_from_root(path_text: str, channel: int, truth_channel: int | None, tru
             raise RefineError(f"give the mask file of '{path.name}' (a path inside the data root), or its truth channel")
         mask_path = settings.resolve_in_root(truth_path_text)
         resources.check_truth_file(resources.open_cached_stack(mask_path), stack)
-        return TrainingStack(str(path), channel, None, str(mask_path))
+        return training_stack(path, channel, truth_path=mask_path)
     truth = stack.resolve_channel(int(truth_channel))
     if truth == channel:
         raise RefineError(f"'{path.name}': the ground-truth channel {truth} is the image channel; choose another one")
-    return TrainingStack(str(path), channel, truth, None)
+    return training_stack(path, channel, truth_channel=truth)
 
 
-def add_stack(stacks: list[TrainingStack], new: TrainingStack, current: TrainingStack | None = None) -> list[TrainingStack]:
+def add_stack(stacks: list[EvalStack], new: EvalStack, current: EvalStack | None = None) -> list[EvalStack]:
     """``stacks`` with ``new`` appended; RefineError when a stack of the same name is already there."""
     taken = {s.label for s in stacks} | ({current.label} if current is not None else set())
     if new.label in taken:
@@ -130,12 +124,12 @@ def add_stack(stacks: list[TrainingStack], new: TrainingStack, current: Training
     return [*stacks, new]
 
 
-def slice_lists(stacks: Sequence[TrainingStack], how: str, count: int, skip: int, z_text: str) -> dict[str, list[int]]:
+def slice_lists(stacks: Sequence[EvalStack], how: str, count: int, skip: int, z_text: str) -> dict[str, list[int]]:
     """Slices to train on, per stack label: ``count`` evenly spaced after skipping ``skip`` at each end (the thesis
     protocol, core.protocol.select_slices), or the z selection ``z_text`` (core.zspec) in every stack."""
     chosen = {}
     for spec in stacks:
-        n_z = int(resources.open_cached_stack(spec.path).shape[0])
+        n_z = int(resources.open_cached_stack(spec.image_path).shape[0])
         if how == "chosen":
             try:
                 chosen[spec.label] = sorted(parse_z_spec(z_text, n_z))
@@ -167,7 +161,7 @@ class TrainPlan:
     ('stack', label). threads : torch CPU threads of the training thread.
     """
 
-    stacks: tuple[TrainingStack, ...]
+    stacks: tuple[EvalStack, ...]
     z_values: dict[str, list[int]]
     config: RefineConfig
     heatmaps: str
@@ -186,7 +180,7 @@ class TrainPlan:
 
 def make_plan(
     ctx: Context,
-    stacks: Sequence[TrainingStack],
+    stacks: Sequence[EvalStack],
     z_values: dict[str, list[int]],
     config: RefineConfig,
     *,
@@ -342,10 +336,10 @@ def build_samples(plan: TrainPlan, backbone: Backbone, cache: EmbeddingCache | N
     for spec in plan.stacks:
         z_values = plan.z_values[spec.label]
         if plan.heatmaps == "same-slice":
-            samples += same_slice_samples(spec.eval_stack(), z_values, backbone, plan.pipeline, n_points=plan.n_points,
+            samples += same_slice_samples(spec, z_values, backbone, plan.pipeline, n_points=plan.n_points,
                                           seed=plan.points_seed, cache=cache, max_side=DEFAULT_MAX_SIDE, on_slice=on_slice)
         else:
-            samples += stack_samples(spec.eval_stack(), z_values, prototype=plan.prototype,
+            samples += stack_samples(spec, z_values, prototype=plan.prototype,
                                      backbone=backbone if plan.prototype is not None else None, cache=cache,
                                      max_side=DEFAULT_MAX_SIDE, on_slice=on_slice)
     if not samples:
@@ -381,8 +375,8 @@ def training_metadata(plan: TrainPlan, backbone: Backbone) -> dict:
         "same_slice": {"n_points": plan.n_points, "seed": plan.points_seed} if plan.heatmaps == "same-slice" else None,
         "raw_clip_percentiles": list(RAW_CLIP_PERCENTILES),
         "max_side": DEFAULT_MAX_SIDE,
-        "stacks": [{"stack_id": s.label, "path": s.path, "image_channel": s.channel,
-                    "truth": f"channel {s.truth_channel}" if s.truth_path is None else s.truth_path,
+        "stacks": [{"stack_id": s.label, "path": str(s.image_path), "image_channel": s.image_channel,
+                    "truth": f"channel {s.mask_channel}" if s.mask_path is None else str(s.mask_path),
                     "z": plan.z_values[s.label]} for s in plan.stacks],
         "validation": {"kind": kind, "fraction": float(value)} if kind == "fraction" else {"kind": kind, "stack_id": value},
         "made_by": "protoscope app",
@@ -392,21 +386,28 @@ def training_metadata(plan: TrainPlan, backbone: Backbone) -> dict:
 # ---- models ---------------------------------------------------------------------------------------------
 
 
-def refiner_bytes(refiner: Refiner) -> bytes:
-    """The refiner as a safetensors file (core.refine.save_refiner), in memory."""
-    with tempfile.TemporaryDirectory(prefix="protoscope-refiner-") as folder:
-        return save_refiner(refiner, Path(folder) / "model.safetensors").read_bytes()
+def model_digest(data: bytes) -> str:
+    """SHA-256 (hex) of a model file's bytes: the key of the shared loaded network."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _cached_refiner(digest: str, _data: bytes, _name: str) -> Refiner:
+    """The refiner of one model file content, loaded once per process (key: ``digest``; ``_data`` and ``_name``
+    are not hashed). A file that fails to load raises, and Streamlit caches nothing for it."""
+    return refiner_from_bytes(_data, name=_name)
 
 
 def load_model(data: bytes, *, expected_backbone: str | None = None, name: str = "model") -> Refiner:
-    """A refiner from safetensors bytes, checked by core.refine.load_refiner (RefineError names the model)."""
-    with tempfile.TemporaryDirectory(prefix="protoscope-refiner-") as folder:
-        path = Path(folder) / "model.safetensors"
-        path.write_bytes(data)
-        try:
-            return load_refiner(path, expected_backbone=expected_backbone)
-        except RefineError as error:
-            raise RefineError(str(error).replace(str(path), f"model '{name}'")) from None
+    """The refiner of safetensors bytes (loaded once per content, see ``_cached_refiner``), checked to fit heatmaps of
+    ``expected_backbone``. ModelFileError for a damaged file, RefineError for a misfit; both name ``model 'name'``.
+
+    The refiner is shared by every session: it is only read (evaluation mode, no gradients).
+    """
+    where = f"model '{name}'"
+    refiner = _cached_refiner(model_digest(data), data, where)
+    check_refiner(refiner, expected_backbone=expected_backbone, where=where)
+    return refiner
 
 
 def describe_refiner(refiner: Refiner) -> str:
@@ -422,12 +423,12 @@ def describe_refiner(refiner: Refiner) -> str:
 
 def trained_model(refiner: Refiner, plan: TrainPlan) -> TrainedModel:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = f"refiner_{stack_label(Path(plan.stacks[0].path))}_{plan.config.input_set.replace('+', '-')}_{stamp}"
+    name = f"refiner_{plan.stacks[0].label}_{plan.config.input_set.replace('+', '-')}_{stamp}"
     return TrainedModel(name, refiner_bytes(refiner), describe_refiner(refiner), plan.config.input_set)
 
 
 def uploaded_model(file_name: str, data: bytes) -> TrainedModel:
-    """A model file the user uploaded, checked to be a readable refiner."""
+    """A model file the user uploaded, checked to be a readable refiner (ModelFileError names the file)."""
     refiner = load_model(data, name=file_name)
     return TrainedModel(Path(file_name).stem, data, describe_refiner(refiner), refiner.config.input_set)
 
@@ -560,66 +561,54 @@ def apply_model(
     prototype_name: str = "",
     on_progress: Callable[[int, int, float | None], None] | None = None,
 ) -> RefineOutputs:
-    """Refine slices ``z_values`` of the open stack (as ``python -m core refine apply``) into a TIFF and a CSV.
+    """Refine slices ``z_values`` of the open stack with ``core.refine.apply.refine_stack`` (the loop of
+    ``python -m core refine apply``) into a TIFF and a CSV.
 
     The masks stream into core's TIFF writer, which renames the file into place only after the last slice: an
     interrupted run leaves no file. With a ground truth, the Dice of the refined and of the prototype masks.
     """
     refiner = model_fits(model, prototype, prototype_name, ctx.backbone)
-    source = refiner.metadata.get("source") or {}
     notes = []
-    uses_heatmap = refiner.config.channels != ("raw",)
-    if uses_heatmap and source.get("heatmap_mode") not in (None, prototype.config.mode.value):
-        notes.append(f"the model was trained on {source.get('heatmap_mode')}-mode heatmaps but prototype "
-                     f"'{prototype_name}' is in {prototype.config.mode.value} mode; the refined masks may be poor")
+    note = heatmap_mode_note(refiner, prototype, what=f"prototype '{prototype_name}'")
+    if note is not None:
+        notes.append(note)
     seen = {int(entry["z"]) for key in ("train_slices", "val_slices") for entry in refiner.metadata.get(key) or []
             if entry.get("stack_id") == stack_label(ctx.sample.path)}
     overlap = sorted(seen & set(int(z) for z in z_values))
     if overlap and ctx.truth is not None:
         notes.append(f"{len(overlap)} of these slices were used to train or validate the model ({short_list(overlap)}): "
                      "their Dice is optimistic")
-    maps = None
-    if uses_heatmap:
+    embedder = None
+    if uses_prototype(refiner):
         embedder = resources.embedder_for(ctx.sample.path, ctx.channel, ctx.choice, prototype.config.preprocess)
-        maps = PrototypeMaps(embedder, prototype)
-    clip = tuple(source.get("raw_clip_percentiles") or RAW_CLIP_PERCENTILES)
-    max_side = source.get("max_side", DEFAULT_MAX_SIDE)
-    stack, shape = ctx.stack, ctx.slice_shape
+    stack = ctx.stack
     folder = settings.output_dir(stack.path)
     base = f"{safe_name(stack_label(Path(stack.path)))}_refined_{time.strftime('%Y%m%d-%H%M%S')}"
     picks = set(montage_slices(list(z_values)))
     shown: dict[int, np.ndarray] = {}
-    area, dice_refined, dice_prototype = [], [], []
-    started = time.perf_counter()
+    dice_refined, dice_prototype = [], []
+
+    def keep(refined: RefinedSlice) -> None:
+        writer.write(refined.mask)
+        truth = ctx.truth_slice(refined.z)
+        if truth is not None:
+            dice_refined.append(float(dice(refined.mask, truth)))
+            if refined.prototype_mask is not None:
+                dice_prototype.append(float(dice(refined.prototype_mask, truth)))
+        if refined.z in picks:
+            shown[refined.z] = refined.mask
+
     tif_path = folder / f"{base}.tif"
     with TiffMaskWriter(tif_path, voxel_size=stack.voxel_size) as writer:
-        for index, z in enumerate(z_values):
-            sample = slice_sample(stack, ctx.channel, z, maps=maps, max_side=max_side, clip_percentiles=clip)
-            probability = refiner.predict_proba(sample)
-            # samples of large slices are shrunk to max_side: bring the probability back to the slice size
-            refined = (probability if probability.shape == shape else resize(probability, shape)) >= refiner.threshold
-            writer.write(refined)
-            area.append(int(refined.sum()))
-            truth = ctx.truth_slice(z)
-            if truth is not None:
-                dice_refined.append(float(dice(refined, truth)))
-                if sample.mask is not None:
-                    mask = sample.mask if sample.mask.shape == shape else resize(sample.mask.astype(np.float32), shape, mode="nearest") > 0.5
-                    dice_prototype.append(float(dice(mask, truth)))
-            if z in picks:
-                shown[z] = refined
-            if on_progress is not None:
-                elapsed = time.perf_counter() - started
-                on_progress(index + 1, len(z_values), elapsed / (index + 1) * (len(z_values) - index - 1))
+        run = refine_stack(refiner, stack, ctx.channel, list(z_values), keep, prototype=prototype, embedder=embedder,
+                           on_progress=on_progress)
     voxel = stack.voxel_size
     outputs = RefineOutputs(
-        stack.name, model.name, list(z_values), area, voxel.x * voxel.y if voxel is not None else None,
-        voxel.z if voxel is not None else None, time.perf_counter() - started, str(folder), {"tif": str(tif_path)},
-        dice_refined=dice_refined if len(dice_refined) == len(area) else None,
-        dice_prototype=dice_prototype if len(dice_prototype) == len(area) else None, notes=notes)
-    csv_path = folder / f"{base}_areas.csv"
-    with atomic_output(csv_path) as temp:
-        temp.write_text(outputs.csv_text(), encoding="utf-8")
+        stack.name, model.name, run.z_values, run.area_px, voxel.x * voxel.y if voxel is not None else None,
+        voxel.z if voxel is not None else None, run.seconds, str(folder), {"tif": str(tif_path)},
+        dice_refined=dice_refined if len(dice_refined) == len(run.area_px) else None,
+        dice_prototype=dice_prototype if len(dice_prototype) == len(run.area_px) else None, notes=notes)
+    csv_path = write_text(folder / f"{base}_areas.csv", outputs.csv_text())
     outputs.files["csv"] = str(csv_path)
     order = sorted(shown)
     outputs.montage_png = render.to_png(render.montage([_display_slice(ctx, z) for z in order], [shown[z] for z in order],
@@ -629,6 +618,4 @@ def apply_model(
 
 def _display_slice(ctx: Context, z: int) -> np.ndarray:
     """(Y, X) float in [0, 1] for the montage: the slice clipped to its own 5-95 % (what the refiner sees)."""
-    from core.refine.samples import raw01
-
     return raw01(ctx.stack.read_slice(z, ctx.channel))

@@ -1,9 +1,14 @@
-"""CLI commands of the U-Net refinement (PIPELINE.md A.9): ``refine train`` and ``refine apply``.
+"""CLI commands of the U-Net refinement (docs/spec/PIPELINE.md A.9): ``refine train`` and ``refine apply``.
 
 ``refine train`` applies a saved prototype to slices of stacks with ground truth, trains a shallow U-Net
 on (raw, heatmap, prototype mask) -> truth and saves it as one safetensors file with its provenance;
-``refine apply`` runs a saved model on the slices of a stack and writes a multi-page uint8 0/255 TIFF,
-like ``apply``. See docs/refine.md, section "Command line".
+``refine apply`` runs a saved model on the slices of a stack (``core.refine.apply.refine_stack``, the loop
+the app's Refine page runs too) and writes a multi-page uint8 0/255 TIFF, like ``apply``. See
+docs/refine.md, section "Command line".
+
+The modules that import torch (core.refine.*, core.protocol, core.prototypes, core.features.embedding) are
+imported inside the commands, for start-up time only: ``python -m core --help`` and the other commands
+should not pay the ~2 s of importing torch.
 """
 
 from __future__ import annotations
@@ -12,7 +17,6 @@ import argparse
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 from core.cli.pipeline import (
@@ -20,10 +24,13 @@ from core.cli.pipeline import (
     add_backbone_options,
     add_cache_options,
     backbone_for_prototype,
-    default_channel,
     open_cache,
 )
-from core.errors import ProtoscopeError
+from core.errors import OptionError, OutputError, ProtoscopeError, RefineError
+from core.io import default_image_channel, open_stack, stack_label
+from core.io.writers import TiffMaskWriter
+from core.metrics import dice
+from core.zspec import parse_z_spec
 
 DEFAULT_VAL_FRACTION = 0.2
 
@@ -51,7 +58,7 @@ def _set_threads(threads: int | None) -> None:
     if threads is None:
         return
     if threads < 1:
-        raise ProtoscopeError(f"--threads must be >= 1, got {threads}")
+        raise OptionError(f"--threads must be >= 1, got {threads}")
     import torch
 
     torch.set_num_threads(threads)
@@ -59,15 +66,15 @@ def _set_threads(threads: int | None) -> None:
 
 def _check_out(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
-        raise ProtoscopeError(f"{path} already exists; choose another --out or add --overwrite")
+        raise OutputError(f"{path} already exists; choose another --out or add --overwrite")
     if not path.parent.is_dir():
-        raise ProtoscopeError(f"cannot write {path}: folder {path.parent} does not exist")
+        raise OutputError(f"cannot write {path}: folder {path.parent} does not exist")
 
 
 def _prototype_backbone(prototype, args: argparse.Namespace):
     """The backbone (and weights) the prototype was made with; --weights overrides, like ``apply``."""
     if args.backbone and args.backbone != prototype.backbone:
-        raise ProtoscopeError(
+        raise OptionError(
             f"--backbone {args.backbone} differs from the prototype's backbone {prototype.backbone!r}; heatmaps come "
             "from the backbone that made the prototype, so drop --backbone or build a prototype with it")
     return backbone_for_prototype(prototype, args)
@@ -125,20 +132,18 @@ def _refine_config(args: argparse.Namespace):
 
 def _eval_stacks(args: argparse.Namespace):
     """EvalStack per STACK (image channel resolved), after checking the ground-truth options."""
-    from core.io import open_stack
     from core.protocol import EvalStack
-    from core.refine.samples import stack_label
 
     if args.mask_channel is None and not args.mask_file:
-        raise ProtoscopeError("give --mask-channel M (ground truth inside the stack) or --mask-file FILE ... (one per stack)")
+        raise OptionError("give --mask-channel M (ground truth inside the stack) or --mask-file FILE ... (one per stack)")
     if args.mask_channel is not None and args.mask_file:
-        raise ProtoscopeError("give either --mask-channel or --mask-file, not both")
+        raise OptionError("give either --mask-channel or --mask-file, not both")
     if args.mask_file and len(args.mask_file) != len(args.stacks):
-        raise ProtoscopeError(f"got {len(args.stacks)} stacks but {len(args.mask_file)} mask files; give one mask file per stack")
+        raise OptionError(f"got {len(args.stacks)} stacks but {len(args.mask_file)} mask files; give one mask file per stack")
     specs = []
     for i, path in enumerate(args.stacks):
         with open_stack(path) as stack:
-            channel = default_channel(stack, args.image_channel)
+            channel = default_image_channel(stack, args.image_channel)
         specs.append(EvalStack(Path(path), channel, mask_channel=args.mask_channel,
                                mask_path=Path(args.mask_file[i]) if args.mask_file else None, name=stack_label(path)))
     labels = [spec.label for spec in specs]
@@ -149,12 +154,11 @@ def _eval_stacks(args: argparse.Namespace):
 
 def _slice_chooser(args: argparse.Namespace):
     from core.protocol import select_slices
-    from core.zspec import parse_z_spec
 
     if args.z is not None:
         return lambda n_z: parse_z_spec(args.z, n_z)
     if args.slices < 1 or args.skip_ends < 0:
-        raise ProtoscopeError(f"--slices must be >= 1 and --skip-ends >= 0, got {args.slices} and {args.skip_ends}")
+        raise OptionError(f"--slices must be >= 1 and --skip-ends >= 0, got {args.slices} and {args.skip_ends}")
     return lambda n_z: select_slices(n_z, args.slices, args.skip_ends)[0]
 
 
@@ -163,9 +167,10 @@ def _truth_text(spec) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from core.metrics import dice
     from core.prototypes import load_prototype
-    from core.refine.model import INPUT_SETS, RefineError, save_refiner, train_unet
+    from core.refine.files import save_refiner
+    from core.refine.model import INPUT_SETS
+    from core.refine.train import train_unet
     from core.refine.samples import RAW_CLIP_PERCENTILES, split_by_fraction, split_by_stack, stack_samples
 
     if args.inputs not in INPUT_SETS:
@@ -175,16 +180,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_out(out, args.overwrite)
     _set_threads(args.threads)
     if args.max_side < config.input_size:
-        raise ProtoscopeError(f"--max-side {args.max_side} is smaller than --input-size {config.input_size}; "
+        raise OptionError(f"--max-side {args.max_side} is smaller than --input-size {config.input_size}; "
                               "the samples would be upsampled for nothing")
     specs = _eval_stacks(args)
     if args.val_stack is not None and len(specs) < 2:
-        raise ProtoscopeError("--val-stack holds out one whole stack, so it needs at least two STACKs; use --val-fraction")
+        raise OptionError("--val-stack holds out one whole stack, so it needs at least two STACKs; use --val-fraction")
     if args.val_stack is not None and not -len(specs) <= args.val_stack < len(specs):
-        raise ProtoscopeError(f"--val-stack {args.val_stack} is not a stack index; give 0-{len(specs) - 1} (the order of STACK)")
+        raise OptionError(f"--val-stack {args.val_stack} is not a stack index; give 0-{len(specs) - 1} (the order of STACK)")
     uses_prototype = config.channels != ("raw",)
     if uses_prototype and not args.prototype:
-        raise ProtoscopeError(f"input set {config.input_set!r} uses the prototype heatmap; give --prototype PROTO.npz")
+        raise OptionError(f"input set {config.input_set!r} uses the prototype heatmap; give --prototype PROTO.npz")
     prototype = load_prototype(args.prototype) if args.prototype else None
     backbone = _prototype_backbone(prototype, args) if prototype is not None else None
     if prototype is not None:
@@ -247,58 +252,43 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from core.features.embedding import SliceEmbedder
-    from core.io import open_stack
-    from core.io.writers import TiffMaskWriter
     from core.prototypes import load_prototype
-    from core.refine.model import load_refiner, read_refiner_metadata
-    from core.preprocess import resize
-    from core.refine.samples import DEFAULT_MAX_SIDE, RAW_CLIP_PERCENTILES, PrototypeMaps, slice_sample
-    from core.zspec import parse_z_spec
+    from core.refine.apply import heatmap_mode_note, refine_stack
+    from core.refine.files import load_refiner, read_refiner_metadata
 
     out = Path(args.out)
     _check_out(out, args.overwrite)
     _set_threads(args.threads)
-    meta = read_refiner_metadata(args.model)
-    uses_prototype = list(meta.get("channels") or []) != ["raw"]
+    meta = read_refiner_metadata(args.model)  # ModelFileError for a missing or damaged model, before anything runs
+    uses_prototype = meta["channels"] != ["raw"]
     if uses_prototype and not args.prototype:
-        raise ProtoscopeError(f"{args.model} was trained on input set {meta.get('input_set')!r}, which needs the heatmap "
-                              "of a prototype; give --prototype PROTO.npz")
+        raise OptionError(f"{args.model} was trained on input set {meta['input_set']!r}, which needs the heatmap "
+                          "of a prototype; give --prototype PROTO.npz")
     prototype = load_prototype(args.prototype) if args.prototype and uses_prototype else None
     refiner = load_refiner(args.model, expected_backbone=prototype.backbone if prototype else None, device=args.device)
-    source = refiner.metadata.get("source") or {}
-    if prototype is not None and source.get("heatmap_mode") not in (None, prototype.config.mode.value):
-        print(f"WARNING: {args.model} was trained on {source.get('heatmap_mode')}-mode heatmaps but the prototype is in "
-              f"{prototype.config.mode.value} mode; the refined masks may be poor", file=sys.stderr)
+    note = heatmap_mode_note(refiner, prototype)
+    if note is not None:
+        print(f"WARNING: {args.model}: {note}", file=sys.stderr)
     backbone = _prototype_backbone(prototype, args) if prototype is not None else None
-    clip = tuple(source.get("raw_clip_percentiles") or RAW_CLIP_PERCENTILES)
-    max_side = source.get("max_side", DEFAULT_MAX_SIDE)
-
-    from tqdm import tqdm
 
     with open_stack(args.stack) as stack:
-        channel = default_channel(stack, args.channel)
+        channel = default_image_channel(stack, args.channel)
         z_values = parse_z_spec(args.z, stack.shape[0])
         print(f"stack: {stack.path.name} {stack.shape} (Z, C, Y, X), channel {channel}, {len(z_values)} slice(s); "
               f"refiner {refiner.config.input_set} at {refiner.config.input_size} px, threshold {refiner.threshold:g}",
               file=sys.stderr)
-        maps = None
+        embedder = None
         if prototype is not None:
             embedder = SliceEmbedder(stack, channel, backbone, prototype.config.preprocess, cache=open_cache(args))
-            maps = PrototypeMaps(embedder, prototype)
-        voxels = 0
-        started = time.perf_counter()
         with TiffMaskWriter(out, voxel_size=stack.voxel_size, overwrite=args.overwrite) as writer, \
                 tqdm(total=len(z_values), desc="refine", unit="slice", file=sys.stderr, dynamic_ncols=True) as bar:
-            for z in z_values:
-                sample = slice_sample(stack, channel, z, maps=maps, max_side=max_side, clip_percentiles=clip)
-                probability = refiner.predict_proba(sample)
-                # samples of large slices are shrunk to max_side: bring the probability back to the slice size
-                refined = resize(probability, (stack.shape[2], stack.shape[3])) >= refiner.threshold
-                writer.write(refined)
-                voxels += int(refined.sum())
-                bar.update(1)
-    print(f"wrote {out}: {len(z_values)} slice(s), {voxels} mask voxels ({time.perf_counter() - started:.1f} s)")
+            run = refine_stack(refiner, stack, channel, z_values, lambda refined: writer.write(refined.mask),
+                               prototype=prototype, embedder=embedder,
+                               on_progress=lambda done, total, eta: bar.update(1))
+    print(f"wrote {out}: {len(run.z_values)} slice(s), {run.volume_voxels} mask voxels ({run.seconds:.1f} s)")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Refiner inputs from stacks: one ``RefineSample`` per slice, built through the prototype pipeline (A.9).
+"""Refiner inputs from stacks: one ``RefineSample`` per slice, built through the prototype pipeline (docs/refine.md).
 
 Per slice the refiner (``core.refine.model``) needs
 
@@ -14,27 +14,35 @@ Per slice the refiner (``core.refine.model``) needs
 Two ways to get the prototype: one saved prototype applied to every slice (``stack_samples``, what
 ``python -m core refine train/apply`` do), or a prototype built on each slice itself from points
 sampled on its ground truth (``same_slice_samples``, the thesis's same-slice heatmaps of Table 4.3;
-the points are those of ``core.protocol``'s same-slice runs for the same seed).
+the points are those of ``core.protocol``'s same-slice runs for the same seed). Either way the
+heatmaps and masks come from one ``core.window.ScoreWindow`` over a fitted ``Scorer``: a per-slice
+prototype is built with ``core.pipeline.build_scorer``, so its pixel classifier is fitted once per
+(slice, seed).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 
-from core.window import neighbourhood, z_smoothed
-from core.config import PipelineConfig
 from core import pixels
-from core.features.embedding import SliceEmbedder
+from core.config import PipelineConfig
 from core.errors import ProtoscopeError
-from core.io import Stack, open_stack, stack_label  # noqa: F401 - stack_label is part of this module's API
-from core.pipeline import Scorer, build_prototype
+from core.features.embedding import SliceEmbedder
+from core.io import Stack, open_stack, stack_label
+from core.pipeline import Scorer, build_scorer
 from core.preprocess import intensity_range, rescale, resize
 from core.protocol import EvalStack, TruthReader, default_margin, protocol_points
 from core.prototypes import Prototype
 from core.refine.model import RefineSample
+from core.window import ScoreWindow
+
+__all__ = [
+    "DEFAULT_MAX_SIDE", "RAW_CLIP_PERCENTILES", "PrototypeMaps", "SliceCallback", "raw01", "same_slice_samples",
+    "same_slice_scorer", "slice_sample", "split_by_fraction", "split_by_stack", "stack_label", "stack_samples",
+    "working_shape",
+]
 
 #: Percentiles (%) the raw channel is clipped to, per slice (thesis §3.3).
 RAW_CLIP_PERCENTILES: tuple[float, float] = (5.0, 95.0)
@@ -61,26 +69,27 @@ def raw01(image: np.ndarray, clip_percentiles: tuple[float, float] = RAW_CLIP_PE
 class PrototypeMaps:
     """Heatmap and mask of any slice of one stack under one prototype, as ``apply`` computes them.
 
-    Score maps of the z-neighbours that smoothing (``config.z_sigma``) needs are kept, a few at a
-    time, so walking the slices in increasing z computes each map once.
+    prototype : a Prototype (its Scorer is built here, fitting its pixel classifier once), or an already
+        fitted Scorer (e.g. from ``core.pipeline.build_scorer``), which is used as it is.
+    The z-smoothing (``config.z_sigma``) goes through one ``core.window.ScoreWindow``: walking the slices
+    in increasing z computes each score map once.
     """
 
-    def __init__(self, embedder: SliceEmbedder, prototype: Prototype, config: PipelineConfig | None = None) -> None:
-        self.embedder = embedder
-        self.scorer = Scorer(prototype, config)
-        self._maps: dict[int, np.ndarray] = {}
+    def __init__(self, embedder: SliceEmbedder, prototype: Prototype | Scorer, config: PipelineConfig | None = None) -> None:
+        scorer = prototype if isinstance(prototype, Scorer) else Scorer(prototype, config)
+        self.window = ScoreWindow(scorer, embedder)
+
+    @property
+    def embedder(self) -> SliceEmbedder:
+        return self.window.embedder
+
+    @property
+    def scorer(self) -> Scorer:
+        return self.window.scorer
 
     def __call__(self, z: int) -> tuple[np.ndarray, np.ndarray]:
         """(heatmap (Y, X) float32 scores, mask (Y, X) bool) of slice z."""
-        sigma = self.scorer.config.z_sigma
-        n_slices = self.embedder.n_slices
-        window = neighbourhood(z, sigma, n_slices)
-        for k in window:
-            if k not in self._maps:
-                self._maps[k] = self.scorer.score_map(self.embedder, k)
-        for k in [k for k in self._maps if k not in window]:
-            del self._maps[k]
-        segmentation = self.scorer.segment(self.embedder, z, z_smoothed(self._maps, z, sigma, n_slices))
+        segmentation = self.window.segment(z)
         return segmentation.scores.astype(np.float32), segmentation.mask
 
 
@@ -178,7 +187,7 @@ def stack_samples(
     return samples
 
 
-def same_slice_prototype(
+def same_slice_scorer(
     embedder: SliceEmbedder,
     truth: np.ndarray,
     z: int,
@@ -187,16 +196,18 @@ def same_slice_prototype(
     n_points: int = 25,
     seed: int = 0,
     margin_px: int | None = None,
-) -> Prototype:
-    """Prototype of slice z from ``n_points`` positive and negative points sampled on its truth.
+) -> Scorer:
+    """The fitted Scorer of slice z's prototype, from ``n_points`` positive and negative points sampled on its truth.
 
     The points are those of ``core.protocol``'s same-slice runs (sampling seed ``seed·100003 + z``,
-    margin half a patch unless given), so the masks match ``python -m core evaluate``.
+    margin half a patch unless given), so the masks match ``python -m core evaluate``. Built with
+    ``core.pipeline.build_scorer``: the pixel classifier (best mode) is fitted once, and ``.prototype``
+    is the prototype with its calibrated threshold.
     truth : (Y, X) bool ground truth of slice z, with structure and background.
     """
     if margin_px is None:
         margin_px = default_margin(embedder.slice_shape, config)
-    return build_prototype(embedder, protocol_points(truth, z, seed, n_points, margin_px), config, seed=seed)
+    return build_scorer(embedder, protocol_points(truth, z, seed, n_points, margin_px), config, seed=seed)
 
 
 def same_slice_samples(
@@ -214,7 +225,7 @@ def same_slice_samples(
 ) -> list[RefineSample]:
     """One sample per slice, each with the heatmap and mask of a prototype built on that slice.
 
-    The prototype comes from points sampled on the slice's own ground truth (``same_slice_prototype``),
+    The prototype comes from points sampled on the slice's own ground truth (``same_slice_scorer``),
     as in the thesis's U-Net experiments. Slices whose truth lacks structure or background (no points
     to sample) are left out. ``max_side`` as in ``stack_samples`` (default: the slice size).
     Returns RefineSamples in z order, ``stack_id = spec.label``.
@@ -229,9 +240,9 @@ def same_slice_samples(
             for index, z in enumerate(zs):
                 truth = truth_reader(z)
                 if 0 < truth.sum() < truth.size:
-                    prototype = same_slice_prototype(embedder, truth, z, config, n_points=n_points, seed=seed,
-                                                     margin_px=margin_px)
-                    samples.append(slice_sample(stack, channel, z, maps=PrototypeMaps(embedder, prototype), truth=truth,
+                    scorer = same_slice_scorer(embedder, truth, z, config, n_points=n_points, seed=seed,
+                                               margin_px=margin_px)
+                    samples.append(slice_sample(stack, channel, z, maps=PrototypeMaps(embedder, scorer), truth=truth,
                                                 stack_id=spec.label, max_side=max_side))
                 if on_slice is not None:
                     on_slice(index + 1, len(zs))
