@@ -285,7 +285,7 @@ def apply_result() -> None:
 
 def page() -> None:
     layout.mode_switch()
-    ctx = resources.require_context()
+    ctx = layout.require_context()
     st.header("Refine (U-Net)")
     st.caption("A shallow U-Net learns to turn prototype heatmaps into better masks (thesis §3.7): train it on stacks "
                "with a ground truth, then apply it to this stack. Training runs in the background; you may leave the "

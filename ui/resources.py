@@ -169,18 +169,6 @@ def context() -> Context | None:
                    state.stack_id(sample.path, channel))
 
 
-def require_context() -> Context:
-    """The context, or a hint to open a sample first (and the page stops)."""
-    ctx = context()
-    if ctx is None:
-        from ui import layout
-
-        st.info("No sample is open. Open the synthetic demo or one of your stacks on the **Open sample** page.")
-        layout.page_link("home", "Open sample", icon=":material/folder_open:")
-        st.stop()
-    return ctx
-
-
 def save_upload(name: str, data: bytes) -> Path:
     """Store an uploaded file under the upload folder (one sub-folder per content hash) and return its path."""
     import hashlib
