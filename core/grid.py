@@ -10,8 +10,6 @@ patch centres (``align_corners=False``), so both views agree.
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 
 def points_to_patches(xy: np.ndarray, slice_shape: tuple[int, int], grid_shape: tuple[int, int]) -> np.ndarray:
@@ -44,6 +42,9 @@ def grid_to_pixels_nearest(grid: np.ndarray, slice_shape: tuple[int, int]) -> np
 
 def upsample_bilinear(grid: np.ndarray, slice_shape: tuple[int, int]) -> np.ndarray:
     """Bilinear upsampling of a (h, w) score map to (Y, X) float32 (patch values at patch centres)."""
+    import torch  # lazily: torch's interpolate is ~10x faster than scipy here, but costs ~2 s to import
+    import torch.nn.functional as F
+
     tensor = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32))[None, None]
     out = F.interpolate(tensor, size=tuple(slice_shape), mode="bilinear", align_corners=False)
     return out[0, 0].numpy()

@@ -13,7 +13,6 @@ With no negative examples, S = Sp.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from core.config import Scoring
 
@@ -68,6 +67,8 @@ def class_similarity(
     embeddings : (..., D) any norm. references : (K, D) unit prototypes ('mean'/'multi') or clicked patch
     embeddings ('knn'). Returns (...) float32.
     """
+    import torch  # lazily (start-up time): topk and matmul on large maps
+
     shape = embeddings.shape[:-1]
     flat = torch.from_numpy(l2_normalize(embeddings.reshape(-1, embeddings.shape[-1])))
     refs = torch.from_numpy(l2_normalize(references))
