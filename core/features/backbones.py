@@ -13,8 +13,11 @@ Weights (``load_backbone(name, weights)``):
 - ``'hub'`` (default): the standard Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``), repo
   ``facebook/dinov2-{small,base,large,giant}`` or ``facebook/dinov2-with-registers-...``. A cached model
   loads with ``local_files_only=True`` (no network). A missing one fails at once under
-  ``HF_HUB_OFFLINE=1``; otherwise one metadata request with a 5 s timeout decides whether the hub is
-  reachable before transformers downloads (transformers alone spends ~23 s in retries when offline).
+  ``HF_HUB_OFFLINE=1``; otherwise one metadata request with a 5 s timeout decides whether the hub
+  (``HF_ENDPOINT``) is reachable (transformers alone spends ~23 s in retries when offline), then
+  ``huggingface_hub`` downloads config.json and the weights of the main revision into the cache. A
+  download that arrives incomplete is fetched once more, then refused; a cached weights file that is cut
+  short is never loaded (downloaded again, or refused under ``HF_HUB_OFFLINE``). docs/backbones.md.
 - a path: a Hugging Face model folder (config.json + safetensors/bin) or Meta's official
   ``dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth``. The .pth is read with ``torch.load(weights_only=True)``
   (tensors only, never pickled code) and its keys renamed to the transformers names
@@ -55,13 +58,14 @@ from core.features.registry import (
     BACKBONES,
     RANDOM_LABEL,
     BackboneSpec,
-    cached_commit,
+    cached_snapshot,
     default_backbone_name,
     dinov2_arch,
     get_spec,
     hf_cache_dir,
     hf_offline,
     spec_for_architecture,
+    weights_file_problem,
     weights_status,
 )
 
@@ -628,31 +632,137 @@ def _load_hf_folder(spec: BackboneSpec, folder: Path) -> torch.nn.Module:
 
 
 def _load_hub(spec: BackboneSpec) -> tuple[torch.nn.Module, str]:
-    """(model, commit) from the Hugging Face cache, or downloaded when the hub answers within 5 s."""
+    """(model, commit) from the Hugging Face cache, downloaded into it first when missing.
+
+    A cached weights file that is cut short (``weights_file_problem``) is never loaded: with network
+    access it is deleted and downloaded again, under HF_HUB_OFFLINE the load is refused naming the file.
+    """
     cache_dir = hf_cache_dir()
-    commit = cached_commit(spec.hf_repo, cache_dir)
-    download = commit is None
-    if download:
+    snapshot = cached_snapshot(spec.hf_repo, cache_dir)
+    if snapshot is not None and snapshot.damaged:
+        problems = "; ".join(f"{path.name}: {problem}" for path, problem in snapshot.damaged)
         if hf_offline():
             raise BackboneError(_missing_weights_message(
-                spec, f"the weights {spec.hf_repo} are not in the Hugging Face cache {cache_dir} "
-                      "and HF_HUB_OFFLINE is set"))
-        from huggingface_hub import HfApi
-
-        endpoint = os.environ.get("HF_ENDPOINT") or None
-        try:
-            commit = HfApi(endpoint=endpoint).model_info(spec.hf_repo, timeout=_HUB_TIMEOUT_S).sha
-        except Exception as error:  # no network, DNS failure, proxy, offline mode: all mean "cannot download now"
-            raise BackboneError(_missing_weights_message(
-                spec, f"the weights {spec.hf_repo} are not in the Hugging Face cache {cache_dir} and the hub "
-                      f"cannot be reached ({type(error).__name__})")) from None
+                spec, f"the cached weights of {spec.hf_repo} in {snapshot.folder} are incomplete ({problems}) and "
+                      f"HF_HUB_OFFLINE is set, so they cannot be downloaded again; with network access, unset "
+                      f"HF_HUB_OFFLINE and load again (the file is replaced), or delete "
+                      f"{_repo_cache_folder(cache_dir, spec.hf_repo)}"))
+        for path, _ in snapshot.damaged:
+            _discard_cached_file(path)
+        snapshot = None
+    commit = snapshot.commit if snapshot is not None else _download_hub(spec, cache_dir)
     try:
         model = _model_class(spec).from_pretrained(
-            spec.hf_repo, cache_dir=str(cache_dir), revision=commit, local_files_only=not download,
+            spec.hf_repo, cache_dir=str(cache_dir), revision=commit, local_files_only=True,
             dtype=torch.float32, attn_implementation="sdpa")
-    except (OSError, ValueError) as error:
-        raise BackboneError(_missing_weights_message(spec, f"loading {spec.hf_repo} failed: {str(error)[:300]}")) from None
-    return model, str(commit)
+    except (OSError, ValueError, RuntimeError, _safetensors_error()) as error:
+        raise BackboneError(_missing_weights_message(
+            spec, f"loading {spec.hf_repo} from the cache {cache_dir} failed: {str(error)[:300]}")) from None
+    return model, commit
+
+
+def _download_hub(spec: BackboneSpec, cache_dir: Path) -> str:
+    """Download config.json and the weights of ``spec.hf_repo`` (main revision) into the cache; the commit.
+
+    Fails at once under HF_HUB_OFFLINE; otherwise one metadata request with a 5 s timeout decides whether
+    the hub (``HF_ENDPOINT``, default huggingface.co) is reachable and lists the repo's files.
+    """
+    if hf_offline():
+        raise BackboneError(_missing_weights_message(
+            spec, f"the weights {spec.hf_repo} are not in the Hugging Face cache {cache_dir} and HF_HUB_OFFLINE is set"))
+    from huggingface_hub import HfApi
+
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    try:
+        info = HfApi(endpoint=endpoint).model_info(spec.hf_repo, timeout=_HUB_TIMEOUT_S)
+    except Exception as error:  # no network, DNS failure, proxy, offline mode: all mean "cannot download now"
+        raise BackboneError(_missing_weights_message(
+            spec, f"the weights {spec.hf_repo} are not in the Hugging Face cache {cache_dir} and the hub "
+                  f"cannot be reached ({type(error).__name__})")) from None
+    names = {sibling.rfilename for sibling in info.siblings or []}
+    files = _hub_files(names) if names else ["config.json", "model.safetensors"]  # a mirror may omit the list
+    if not files:
+        raise BackboneError(_missing_weights_message(
+            spec, f"the hub repo {spec.hf_repo} holds no config.json with model.safetensors or pytorch_model.bin "
+                  f"(it has: {sorted(names)[:8]})"))
+    for name in files:
+        path = _download_file(spec, name, cache_dir, endpoint)
+        if name.endswith(".index.json"):  # sharded weights: the index names the shards
+            try:
+                shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, AttributeError) as error:
+                raise BackboneError(f"the weights index {path} of {spec.hf_repo} is unreadable ({error}); "
+                                    f"delete it and load again") from None
+            for shard in shards:
+                _download_file(spec, shard, cache_dir, endpoint)
+    snapshot = cached_snapshot(spec.hf_repo, cache_dir)
+    if snapshot is None or snapshot.damaged:  # the repo changed between files (a new commit on main)
+        raise BackboneError(_missing_weights_message(
+            spec, f"the files of {spec.hf_repo} downloaded into {cache_dir} do not form one complete snapshot "
+                  "(the repo may have changed during the download); run the same command again"))
+    return snapshot.commit
+
+
+def _hub_files(names: set[str]) -> list[str]:
+    """The files of a hub repo a load reads: config.json and one set of weights (safetensors first, as
+    transformers prefers them); [] when the repo has no config.json or no weights."""
+    if "config.json" not in names:
+        return []
+    for weights in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        if weights in names:
+            return ["config.json", weights]
+    return []
+
+
+def _download_file(spec: BackboneSpec, filename: str, cache_dir: Path, endpoint: str | None) -> Path:
+    """One file of ``spec.hf_repo`` (main revision) into the Hugging Face cache, whole; its snapshot path.
+
+    huggingface_hub writes into a temporary file, resumes a dropped connection itself, compares the bytes
+    received with the size the hub announced and only then moves the file into the cache. A file that still
+    fails, or arrives cut short (``weights_file_problem``, e.g. a proxy that announced the short size), is
+    deleted and fetched once more; a second failure is a BackboneError and nothing partial stays cached.
+    """
+    from huggingface_hub import hf_hub_download
+
+    problem = ""
+    for _attempt in range(2):
+        try:
+            path = Path(hf_hub_download(spec.hf_repo, filename, revision="main", cache_dir=str(cache_dir),
+                                        endpoint=endpoint))
+        except Exception as error:  # huggingface_hub's OSErrors and its HTTP library's transport errors alike
+            problem = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+            continue
+        problem = weights_file_problem(path) or ""
+        if not problem:
+            return path
+        _discard_cached_file(path)
+    raise BackboneError(_missing_weights_message(
+        spec, f"downloading {filename} of {spec.hf_repo} from {endpoint or 'https://huggingface.co'} failed twice "
+              f"({problem}); nothing incomplete was kept in the cache {cache_dir}, so running the same command "
+              f"again retries the download"))
+
+
+def _repo_cache_folder(cache_dir: Path, repo: str) -> Path:
+    """The cache folder of one model repo (huggingface_hub's layout: models--{owner}--{name})."""
+    return cache_dir / ("models--" + repo.replace("/", "--"))
+
+
+def _discard_cached_file(path: Path) -> None:
+    """Delete a file of a cache snapshot and the blob its link points to, so that it is downloaded anew."""
+    blob = path.resolve()
+    try:
+        path.unlink(missing_ok=True)
+        if blob.parent == path.parents[2].resolve() / "blobs":  # snapshots/<commit>/<file> -> ../../blobs/<etag>
+            blob.unlink(missing_ok=True)
+    except OSError as error:
+        raise BackboneError(f"the cached weights file {path} is incomplete and cannot be deleted ({error.strerror}); "
+                            f"delete it (and {blob}) by hand, then load again") from None
+
+
+def _safetensors_error() -> type[Exception]:
+    from safetensors import SafetensorError  # a dependency of transformers; lazy like transformers itself
+
+    return SafetensorError
 
 
 def _resolve_precision(device: torch.device, precision: str | None) -> str:

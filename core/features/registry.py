@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,17 +28,20 @@ from core.features.filterbank import FilterBankConfig
 __all__ = [
     "BACKBONES",
     "BackboneSpec",
+    "CachedSnapshot",
     "DEFAULT_BACKBONE",
     "Dinov2Arch",
     "OFFLINE_BACKBONE",
     "RANDOM_LABEL",
     "cached_commit",
+    "cached_snapshot",
     "default_backbone_name",
     "dinov2_arch",
     "get_spec",
     "hf_cache_dir",
     "hf_offline",
     "spec_for_architecture",
+    "weights_file_problem",
     "weights_status",
 ]
 
@@ -167,31 +171,105 @@ def hf_offline() -> bool:
     return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def cached_commit(repo: str, cache_dir: Path) -> str | None:
-    """Commit hash of the cached snapshot of ``repo`` holding config.json and weights, or None (no network)."""
+def weights_file_problem(path: Path) -> str | None:
+    """Why a weights file cannot be whole, or None; reads only its header (milliseconds, even for ViT-g's 4.5 GB).
+
+    ``*.safetensors``: the file must be exactly 8 + header length + the end of its last tensor bytes long,
+    the check safetensors itself makes on loading ("incomplete metadata, file not fully covered").
+    PyTorch ``*.bin`` zip archives: the end-of-archive record must be there (a cut zip loses it).
+    Any other file: None (nothing to check).
+
+    >>> weights_file_problem(Path("config.json")) is None
+    True
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            return _safetensors_problem(path)
+        if path.suffix == ".bin":
+            with open(path, "rb") as stream:
+                is_zip_start = stream.read(4) == b"PK\x03\x04"
+            # legacy pickled .bin files (no zip) cannot be checked this way; only a cut zip is reported
+            return "a zip archive without its end record (cut short)" if is_zip_start and not zipfile.is_zipfile(path) else None
+    except OSError as error:
+        return f"unreadable ({error.strerror or error})"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    with open(path, "rb") as stream:
+        head = stream.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, too short for a safetensors header"
+        header_size = int.from_bytes(head, "little")
+        if header_size > size - 8:
+            return f"{size} bytes, but its header alone claims {header_size + 8}"
+        try:
+            header = json.loads(stream.read(header_size))
+            ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "its safetensors header is not valid JSON with data_offsets"
+    expected = 8 + header_size + max(ends, default=0)
+    if size != expected:
+        return f"{size} bytes, but its safetensors header describes {expected}"
+    return None
+
+
+@dataclass(frozen=True)
+class CachedSnapshot:
+    """A snapshot of a hub repo in the Hugging Face cache that holds config.json and the weights."""
+
+    commit: str  # 40 hex digits (refs/main -> snapshots/<commit>)
+    folder: Path  # .../models--facebook--dinov2-small/snapshots/<commit>
+    weights: tuple[Path, ...]  # the weights files a load reads (one file, or every shard)
+    damaged: tuple[tuple[Path, str], ...]  # (file, ``weights_file_problem``) of weights that are cut short
+
+
+def cached_snapshot(repo: str, cache_dir: Path, check: bool = True) -> CachedSnapshot | None:
+    """The cached snapshot of ``repo``'s main revision holding config.json and weights (whole or damaged),
+    or None. No network; with ``check`` the weights' headers are read (``weights_file_problem``), else
+    ``damaged`` is empty."""
     from huggingface_hub import try_to_load_from_cache  # its import costs ~0.3 s; only needed here
 
     config = try_to_load_from_cache(repo, "config.json", cache_dir=str(cache_dir))
     if not isinstance(config, str):
         return None
-    snapshot = Path(config).parent
-    for weights in ("model.safetensors", "pytorch_model.bin"):
-        path = try_to_load_from_cache(repo, weights, cache_dir=str(cache_dir))
-        if isinstance(path, str) and Path(path).parent == snapshot:
-            return snapshot.name
-    index = try_to_load_from_cache(repo, "model.safetensors.index.json", cache_dir=str(cache_dir))
-    if isinstance(index, str) and Path(index).parent == snapshot:  # sharded weights: every shard present
-        try:
-            shards = set(json.loads(Path(index).read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError):
+    folder = Path(config).parent
+    weights: list[Path] = []
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        path = try_to_load_from_cache(repo, name, cache_dir=str(cache_dir))
+        if isinstance(path, str) and Path(path).parent == folder:
+            weights = [Path(path)]
+            break
+    if not weights:
+        index = try_to_load_from_cache(repo, "model.safetensors.index.json", cache_dir=str(cache_dir))
+        if not (isinstance(index, str) and Path(index).parent == folder):
             return None
-        if shards and all((snapshot / shard).is_file() for shard in shards):
-            return snapshot.name
-    return None
+        try:  # sharded weights: every shard present
+            shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError):
+            return None
+        weights = [folder / shard for shard in shards]
+        if not shards or not all(path.is_file() for path in weights):
+            return None
+    problems = [(path, weights_file_problem(path)) for path in weights] if check else []
+    damaged = tuple((path, problem) for path, problem in problems if problem is not None)
+    return CachedSnapshot(folder.name, folder, tuple(weights), damaged)
+
+
+def cached_commit(repo: str, cache_dir: Path) -> str | None:
+    """Commit hash of the cached snapshot of ``repo`` holding config.json and weights, or None (no network).
+
+    Presence only: a weights file that is cut short still counts (``cached_snapshot(...).damaged`` names it;
+    ``load_backbone`` checks it before loading and downloads it again or refuses).
+    """
+    snapshot = cached_snapshot(repo, cache_dir, check=False)
+    return snapshot.commit if snapshot is not None else None
 
 
 def weights_status(name: str) -> str:
-    """Whether ``load_backbone(name, 'hub')`` can work, without any network wait.
+    """Whether ``load_backbone(name, 'hub')`` can work, without any network wait (files are looked up, not read).
 
     'cached' (in the Hugging Face cache; always for 'filterbank', which has no weights),
     'offline-only' (not cached and HF_HUB_OFFLINE is set: it cannot be downloaded now),
