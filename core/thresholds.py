@@ -1,4 +1,4 @@
-"""From a similarity score map to a binary mask (thesis §3.6 and PIPELINE.md part B).
+"""From a similarity score map to a binary mask (thesis §3.6 and docs/spec/PIPELINE.md part B).
 
 Threshold specifications, as text in the CLI and in prototype files:
 
