@@ -27,3 +27,9 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _private_workspaces(tmp_path_factory, monkeypatch):
+    """Every test's app sessions save their workspaces in a fresh folder, never in the user's own."""
+    monkeypatch.setenv("PROTOSCOPE_WORKSPACES", str(tmp_path_factory.mktemp("workspaces")))
