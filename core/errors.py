@@ -51,3 +51,18 @@ class ModelFileError(RefineError):
 
 class OutputError(ProtoscopeError):
     """An output path cannot be used: it exists, it is an input of the same command, or it is not writable."""
+
+
+class WorkspaceError(ProtoscopeError):
+    """A workspace cannot be read, saved or imported (names the file or archive member and what to do)."""
+
+
+class WorkspaceConflict(WorkspaceError):
+    """Another session holds the workspace, or saved it since this session loaded it.
+
+    lease : the other owner's Lease when a live lease is the reason, else None.
+    """
+
+    def __init__(self, message: str, lease: "object | None" = None) -> None:
+        super().__init__(message)
+        self.lease = lease

@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover - Windows: the lock between threads of o
     fcntl = None
 
 from core.batch import BatchResult
-from core.errors import PrototypeError, ProtoscopeError
+from core.errors import PrototypeError, WorkspaceConflict, WorkspaceError
 from core.io.atomic import write_bytes, write_text
 from core.prototypes import PointSet, Prototype, load_prototype
 
@@ -69,21 +69,6 @@ _ID = re.compile(r"^[a-z0-9]{8,32}$")
 _JSON = "workspace.json"
 _LEASE = "lease.json"
 _ZIP_TIME = (2020, 1, 1, 0, 0, 0)  # fixed member times: the same workspace exports to the same bytes
-
-
-class WorkspaceError(ProtoscopeError):
-    """A workspace cannot be read, saved or imported (names the file or archive member and what to do)."""
-
-
-class WorkspaceConflict(WorkspaceError):
-    """Another session holds the workspace, or saved it since this session loaded it.
-
-    lease : the other owner's Lease when a live lease is the reason, else None.
-    """
-
-    def __init__(self, message: str, lease: "Lease | None" = None) -> None:
-        super().__init__(message)
-        self.lease = lease
 
 
 # ---- the data ----------------------------------------------------------------------------------------------
