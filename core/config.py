@@ -1,6 +1,6 @@
 """Pipeline settings: one frozen dataclass with the thesis defaults, and the two named modes.
 
-``thesis`` is PIPELINE.md part A exactly (per-slice 5-95 % clipping, 980 px, one mean prototype per class,
+``thesis`` is docs/spec/PIPELINE.md part A exactly (per-slice 5-95 % clipping, 980 px, one mean prototype per class,
 S = Sp - 0.8·Sn on the 70 x 70 patch grid, top 10 % of patches, nearest resize of the patch mask).
 ``best`` is what we recommend; it is built from the same switches, each of which can also be set alone
 (CLI ``--option name=value``, the app's advanced settings), so that every improvement can be measured in
@@ -13,7 +13,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 
-from core.errors import ProtoscopeError
+import numpy as np
+
+from core.errors import OptionError
 from core.preprocess import PreprocessConfig
 from core.thresholds import ThresholdSpec
 
@@ -51,6 +53,10 @@ class Cleanup:
     min_size_px: int = 0
     closing_px: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("hole_size_px", "min_size_px", "closing_px"):
+            _check_whole(name, getattr(self, name), 0, "pixels; 0 switches it off")
+
     @property
     def active(self) -> bool:
         return self.hole_size_px > 0 or self.min_size_px > 0 or self.closing_px > 0
@@ -78,17 +84,18 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.negative_weight <= 2.0:
-            raise ProtoscopeError(f"negative weight λ must lie in 0..2, got {self.negative_weight}")
-        if self.n_prototypes < 1 or self.knn_k < 1:
-            raise ProtoscopeError("n_prototypes and knn_k must be at least 1")
-        if self.z_sigma < 0:
-            raise ProtoscopeError(f"z_sigma must be >= 0 slices, got {self.z_sigma}")
+            raise OptionError(f"option negative_weight (λ) must lie in 0..2, got {self.negative_weight!r}")
+        _check_whole("n_prototypes", self.n_prototypes, 1, "prototypes per class")
+        _check_whole("knn_k", self.knn_k, 1, "nearest clicked patches")
+        if not 0.0 <= self.z_sigma < float("inf"):
+            raise OptionError(f"option z_sigma must be a finite number >= 0 slices (0 = off), got {self.z_sigma!r}")
         if self.pixel_classifier not in ("none", "forest", "linear"):
-            raise ProtoscopeError(f"pixel_classifier must be none, forest or linear, got {self.pixel_classifier!r}")
+            raise OptionError(f"option pixel_classifier must be none, forest or linear, got {self.pixel_classifier!r}")
         if self.pixel_standardize not in ("stack", "slice"):
-            raise ProtoscopeError(f"pixel_standardize must be stack or slice, got {self.pixel_standardize!r}")
-        if self.pixel_max_side < 64 or self.augment_radius < 0 or self.patch_components < 0:
-            raise ProtoscopeError("pixel_max_side must be >= 64 px; augment_radius and patch_components >= 0")
+            raise OptionError(f"option pixel_standardize must be stack or slice, got {self.pixel_standardize!r}")
+        _check_whole("pixel_max_side", self.pixel_max_side, 64, "pixels")
+        _check_whole("augment_radius", self.augment_radius, 0, "pixels")
+        _check_whole("patch_components", self.patch_components, 0, "principal components; 0 = none")
 
     @property
     def uses_pixels(self) -> bool:
@@ -124,7 +131,7 @@ class PipelineConfig:
         cleanup = self.cleanup
         for name, raw in options.items():
             if name not in OPTION_NAMES:
-                raise ProtoscopeError(f"unknown pipeline option {name!r}; known options: {', '.join(OPTION_NAMES)}")
+                raise OptionError(f"unknown pipeline option {name!r}; known options: {', '.join(OPTION_NAMES)}")
             value = _parse_option(name, raw)
             if name in ("normalization", "image_size", "clip_low", "clip_high"):
                 if name == "clip_low":
@@ -160,23 +167,35 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PipelineConfig":
-        return cls(
-            mode=Mode(data.get("mode", "thesis")),
-            preprocess=PreprocessConfig.from_dict(data["preprocess"]) if "preprocess" in data else PreprocessConfig(),
-            negative_weight=float(data.get("negative_weight", 0.8)),
-            scoring=Scoring(data.get("scoring", "mean")),
-            n_prototypes=int(data.get("n_prototypes", 1)),
-            knn_k=int(data.get("knn_k", 5)),
-            upsampling=Upsampling(data.get("upsampling", "nearest")),
-            threshold=ThresholdSpec.parse(str(data.get("threshold", "top:10"))),
-            z_sigma=float(data.get("z_sigma", 0.0)),
-            pixel_classifier=str(data.get("pixel_classifier", "none")),
-            pixel_max_side=int(data.get("pixel_max_side", 1024)),
-            pixel_standardize=str(data.get("pixel_standardize", "stack")),
-            augment_radius=int(data.get("augment_radius", 2)),
-            patch_components=int(data.get("patch_components", 0)),
-            cleanup=Cleanup(**data.get("cleanup", {})),
-        )
+        """The inverse of `as_dict` (missing settings take their defaults).
+
+        Raises OptionError naming the setting when ``data`` is not a dict or a setting is missing or ill-typed.
+        """
+        if not isinstance(data, dict):
+            raise OptionError(f"the pipeline configuration must be a JSON object, got {type(data).__name__}")
+        try:
+            return cls(
+                mode=Mode(data.get("mode", "thesis")),
+                preprocess=(PreprocessConfig.from_dict(data["preprocess"]) if "preprocess" in data
+                            else PreprocessConfig()),
+                negative_weight=_number(data, "negative_weight", 0.8),
+                scoring=Scoring(data.get("scoring", "mean")),
+                n_prototypes=_whole(data, "n_prototypes", 1),
+                knn_k=_whole(data, "knn_k", 5),
+                upsampling=Upsampling(data.get("upsampling", "nearest")),
+                threshold=ThresholdSpec.parse(_text(data, "threshold", "top:10")),
+                z_sigma=_number(data, "z_sigma", 0.0),
+                pixel_classifier=_text(data, "pixel_classifier", "none"),
+                pixel_max_side=_whole(data, "pixel_max_side", 1024),
+                pixel_standardize=_text(data, "pixel_standardize", "stack"),
+                augment_radius=_whole(data, "augment_radius", 2),
+                patch_components=_whole(data, "patch_components", 0),
+                cleanup=_cleanup(data.get("cleanup", {})),
+            )
+        except OptionError:
+            raise
+        except (TypeError, ValueError) as error:  # Enum(...) of an unknown value, a non-hashable value
+            raise OptionError(f"pipeline configuration: {error}") from None
 
     def describe(self) -> str:
         """One line for logs and reports."""
@@ -225,11 +244,44 @@ OPTION_NAMES = (
 )
 
 
+def _check_whole(name: str, value: object, minimum: int, unit: str) -> None:
+    """OptionError unless ``value`` is a whole number >= ``minimum`` (bools are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise OptionError(f"option {name} must be a whole number >= {minimum} ({unit}), got {value!r}")
+
+
+def _number(data: dict, key: str, default: float) -> float:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OptionError(f"pipeline configuration: {key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _whole(data: dict, key: str, default: int) -> int:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise OptionError(f"pipeline configuration: {key} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def _text(data: dict, key: str, default: str) -> str:
+    value = data.get(key, default)
+    if not isinstance(value, str):
+        raise OptionError(f"pipeline configuration: {key} must be text, got {value!r}")
+    return value
+
+
+def _cleanup(data: object) -> Cleanup:
+    if not isinstance(data, dict) or set(data) - {"hole_size_px", "min_size_px", "closing_px"}:
+        raise OptionError("pipeline configuration: cleanup must be an object with hole_size_px, min_size_px and "
+                          f"closing_px, got {data!r}")
+    return Cleanup(**{key: _whole(data, key, 0) for key in data})
+
+
 def _parse_option(name: str, raw: object) -> object:
+    """The value of option ``name`` from text (CLI) or an already typed value; OptionError says what is valid."""
     try:
-        if name == "normalization":
-            return str(raw)
-        if name in ("pixel_classifier", "pixel_standardize"):
+        if name in ("normalization", "pixel_classifier", "pixel_standardize"):
             return str(raw)
         if name in ("image_size", "n_prototypes", "knn_k", "min_size_px", "hole_size_px", "closing_px", "pixel_max_side",
                     "augment_radius", "patch_components"):
@@ -242,9 +294,21 @@ def _parse_option(name: str, raw: object) -> object:
             return raw if isinstance(raw, Upsampling) else Upsampling(str(raw))
         if name == "threshold":
             return raw if isinstance(raw, ThresholdSpec) else ThresholdSpec.parse(str(raw))
-    except (TypeError, ValueError) as error:
-        raise ProtoscopeError(f"bad value {raw!r} for option {name}: {error}") from None
-    raise ProtoscopeError(f"unknown pipeline option {name!r}")
+    except OptionError:
+        raise
+    except (TypeError, ValueError):
+        raise OptionError(f"bad value {raw!r} for option {name}: {_expected(name)}") from None
+    raise OptionError(f"unknown pipeline option {name!r}; known options: {', '.join(OPTION_NAMES)}")
+
+
+def _expected(name: str) -> str:
+    if name == "scoring":
+        return "use one of " + ", ".join(s.value for s in Scoring)
+    if name == "upsampling":
+        return "use one of " + ", ".join(u.value for u in Upsampling)
+    if name in ("clip_low", "clip_high", "negative_weight", "z_sigma"):
+        return "expected a number"
+    return "expected a whole number"
 
 
 def parse_option_assignments(items: list[str] | None) -> dict[str, str]:
@@ -253,6 +317,6 @@ def parse_option_assignments(items: list[str] | None) -> dict[str, str]:
     for item in items or []:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
-            raise ProtoscopeError(f"option {item!r} must look like name=value (known: {', '.join(OPTION_NAMES)})")
+            raise OptionError(f"option {item!r} must look like name=value (known: {', '.join(OPTION_NAMES)})")
         options[name.strip()] = value.strip()
     return options

@@ -1,4 +1,4 @@
-"""Slice preprocessing before feature extraction (thesis §3.3, PIPELINE.md A.1).
+"""Slice preprocessing before feature extraction (thesis §3.3, docs/spec/PIPELINE.md A.1).
 
 Thesis mode: clip each slice to its own 5th-95th intensity percentiles, rescale to [0, 1] and resize to
 980 x 980 pixels (bilinear, antialiased) so that a 14-px ViT sees a 70 x 70 patch grid. The grey-to-RGB
@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from core.errors import OptionError
 
 #: Largest number of pixels per slice used to estimate percentiles (a strided subsample beyond this;
 #: the percentiles of a 9-Mpixel slice move by far less than one grey level).
@@ -36,11 +38,14 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         low, high = self.clip_percentiles
         if not 0.0 <= low < high <= 100.0:
-            raise ValueError(f"clip percentiles must satisfy 0 <= low < high <= 100, got {self.clip_percentiles}")
-        if self.image_size < 14:
-            raise ValueError(f"image size must be at least 14 pixels, got {self.image_size}")
+            raise OptionError(f"clip percentiles (options clip_low, clip_high) must satisfy 0 <= clip_low < clip_high "
+                              f"<= 100 %, got clip_low={low:g}, clip_high={high:g}")
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, (int, np.integer)) \
+                or self.image_size < 14:
+            raise OptionError(f"option image_size must be a whole number of pixels >= 14 (one 14-px patch; "
+                              f"980 = 70 patches), got {self.image_size!r}")
         if self.normalization not in ("slice", "stack"):
-            raise ValueError(f"normalization must be 'slice' or 'stack', got {self.normalization!r}")
+            raise OptionError(f"option normalization must be 'slice' or 'stack', got {self.normalization!r}")
 
     def signature(self, intensity_range: tuple[float, float] | None = None) -> str:
         """Stable text for cache keys; includes the stack-wide range when one is used."""
@@ -59,11 +64,22 @@ class PreprocessConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PreprocessConfig":
-        return cls(
-            clip_percentiles=tuple(float(v) for v in data["clip_percentiles"]),  # type: ignore[arg-type]
-            image_size=int(data["image_size"]),
-            normalization=str(data.get("normalization", "slice")),
-        )
+        """The inverse of `as_dict`; OptionError names a missing or ill-typed setting."""
+        if not isinstance(data, dict):
+            raise OptionError(f"preprocessing settings must be a JSON object, got {type(data).__name__}")
+        for key in ("clip_percentiles", "image_size"):
+            if key not in data:
+                raise OptionError(f"preprocessing settings lack {key!r}")
+        clip, size = data["clip_percentiles"], data["image_size"]
+        if (not isinstance(clip, (list, tuple)) or len(clip) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in clip)):
+            raise OptionError(f"preprocessing setting clip_percentiles must be two numbers [low, high], got {clip!r}")
+        if isinstance(size, bool) or not isinstance(size, (int, float)) or not float(size).is_integer():
+            raise OptionError(f"preprocessing setting image_size must be a whole number of pixels, got {size!r}")
+        normalization = data.get("normalization", "slice")
+        if not isinstance(normalization, str):
+            raise OptionError(f"preprocessing setting normalization must be 'slice' or 'stack', got {normalization!r}")
+        return cls(clip_percentiles=(float(clip[0]), float(clip[1])), image_size=int(size), normalization=normalization)
 
 
 def _subsample(image: np.ndarray, max_pixels: int = _PERCENTILE_SAMPLE_PIXELS) -> np.ndarray:

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
+import math
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -27,8 +26,9 @@ from typing import Callable
 import numpy as np
 
 from core.config import PipelineConfig, Scoring
-from core.errors import PrototypeError
+from core.errors import OptionError, PrototypeError, PrototypeFileError
 from core.grid import check_points_inside, points_to_patches
+from core.io.atomic import atomic_output
 from core.scoring import kmeans_prototypes, l2_normalize, mean_prototype
 
 FORMAT_VERSION = 1
@@ -209,16 +209,9 @@ def save_prototype(prototype: Prototype, path: str | Path, *, overwrite: bool = 
         raise PrototypeError(f"{path}: prototype files end in .npz")
     if path.exists() and not overwrite:
         raise PrototypeError(f"{path} already exists; choose another name or allow overwriting")
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = _archive_arrays(prototype)
-    handle, temp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    with atomic_output(path, overwrite=overwrite) as temp, open(temp, "wb") as stream:
+        np.savez(stream, **arrays)
     return path
 
 
@@ -250,6 +243,10 @@ def prototype_to_bytes(prototype: Prototype) -> bytes:
     return buffer.getvalue()
 
 
+#: Appended to every complaint about a prototype file's contents: what the user can do about it.
+_REMAKE = "make it again (Segment page: Save prototype, or `python -m core prototype`)"
+
+
 def load_prototype(
     source: str | Path | bytes,
     *,
@@ -257,71 +254,203 @@ def load_prototype(
     embed_dim: int | None = None,
     name: str | None = None,
 ) -> Prototype:
-    """Read a prototype file (path or bytes) and check it fits ``backbone`` / ``embed_dim`` when given."""
+    """Read a prototype file (path or bytes) and check it fits ``backbone`` / ``embed_dim`` when given.
+
+    Raises PrototypeFileError naming the file when it is missing, unreadable, pickled, lacks a required
+    metadata key, holds a metadata value of the wrong type, a non-float or non-finite array, or arrays whose
+    shapes disagree with its embedding dimension; PrototypeError when it does not fit ``backbone`` /
+    ``embed_dim``.
+    """
     label = name or (str(source) if not isinstance(source, bytes) else "uploaded prototype")
-    try:
-        stream = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
-    except FileNotFoundError:
-        raise PrototypeError(f"{label}: prototype file not found") from None
-    except OSError as error:
-        raise PrototypeError(f"{label}: cannot open ({error.strerror})") from None
-    try:
-        with stream, np.load(stream, allow_pickle=False) as archive:
-            missing = [key for key in (*_ARRAY_KEYS, "metadata_json") if key not in archive.files]
-            if missing:
-                raise PrototypeError(f"{label}: not a Protoscope prototype file (missing {', '.join(missing)})")
-            arrays = {key: archive[key] for key in _ARRAY_KEYS}
-            optional = {key: archive[key].astype(np.float32) for key in _OPTIONAL_KEYS if key in archive.files}
-            metadata = json.loads(str(archive["metadata_json"]))
-    except PrototypeError:
-        raise
-    except ValueError as error:
-        raise PrototypeError(f"{label}: not a valid pickle-free .npz prototype file ({error})") from None
-    except (OSError, EOFError, KeyError, zipfile.BadZipFile) as error:
-        raise PrototypeError(f"{label}: unreadable or truncated prototype file ({error})") from None
-    if metadata.get("format") != "protoscope-prototype":
-        raise PrototypeError(f"{label}: not a Protoscope prototype file")
-    if int(metadata.get("format_version", 0)) > FORMAT_VERSION:
+    arrays, optional, metadata = _read_archive(source, label)
+    fields = _metadata_fields(metadata, label)
+    dim = fields["embed_dim"]
+    if backbone is not None and fields["backbone"] != backbone:
         raise PrototypeError(
-            f"{label}: written by a newer Protoscope (format {metadata.get('format_version')}); this version reads format {FORMAT_VERSION}"
-        )
-    dim = int(metadata["embed_dim"])
-    if backbone is not None and metadata["backbone"] != backbone:
-        raise PrototypeError(
-            f"{label} was made with backbone {metadata['backbone']!r} but {backbone!r} is selected; "
-            f"select {metadata['backbone']!r} or build new prototypes with {backbone!r}"
+            f"{label} was made with backbone {fields['backbone']!r} but {backbone!r} is selected; "
+            f"select {fields['backbone']!r} or build new prototypes with {backbone!r}"
         )
     if embed_dim is not None and dim != embed_dim:
         raise PrototypeError(
             f"{label} holds {dim}-dimensional embeddings but the selected backbone gives {embed_dim}; "
             "use the same backbone and weights that made the prototypes"
         )
-    for key in ("positive_references", "negative_references", "positive_examples", "negative_examples"):
-        if arrays[key].size and arrays[key].shape[-1] != dim:
-            raise PrototypeError(f"{label}: {key} has dimension {arrays[key].shape[-1]}, metadata says {dim}")
-    intensity = metadata.get("intensity_range")
+    rows = {key: _embedding_rows(arrays[key], key, dim, label) for key in _ARRAY_KEYS[:4]}
+    if not len(rows["positive_references"]):
+        raise PrototypeFileError(f"{label}: positive_references is empty (no positive prototype); {_REMAKE}")
+    positive, negative = (_point_rows(arrays[key], key, label) for key in ("points_positive", "points_negative"))
+    try:
+        points = PointSet(positive, negative)
+    except PrototypeError as error:
+        raise PrototypeFileError(f"{label}: {error}; {_REMAKE}") from None
     return Prototype(
-        positive_references=arrays["positive_references"].astype(np.float32).reshape(-1, dim),
-        negative_references=arrays["negative_references"].astype(np.float32).reshape(-1, dim),
-        positive_examples=arrays["positive_examples"].astype(np.float32).reshape(-1, dim),
-        negative_examples=arrays["negative_examples"].astype(np.float32).reshape(-1, dim),
-        config=PipelineConfig.from_dict(metadata["config"]),
-        backbone=str(metadata["backbone"]),
-        weights_id=str(metadata.get("weights_id", "")),
+        **rows,
+        config=fields["config"],
+        backbone=fields["backbone"],
+        weights_id=fields["weights_id"],
         embed_dim=dim,
-        points=PointSet(arrays["points_positive"].reshape(-1, 3), arrays["points_negative"].reshape(-1, 3)),
-        source_file=str(metadata.get("source_file", "")),
-        channel=int(metadata.get("channel", 0)),
-        timepoint=int(metadata.get("timepoint", 0)),
-        calibrated_threshold=metadata.get("calibrated_threshold"),
-        intensity_range=tuple(intensity) if intensity else None,  # type: ignore[arg-type]
-        created=str(metadata.get("created", "")),
-        backbone_label=str(metadata.get("backbone_label", "")),
-        pixel_positive_examples=optional.get("pixel_positive_examples"),
-        pixel_negative_examples=optional.get("pixel_negative_examples"),
-        pixel_projection=optional.get("pixel_projection"),
-        pixel_projection_mean=optional.get("pixel_projection_mean"),
+        points=points,
+        source_file=fields["source_file"],
+        channel=fields["channel"],
+        timepoint=fields["timepoint"],
+        calibrated_threshold=fields["calibrated_threshold"],
+        intensity_range=fields["intensity_range"],
+        created=fields["created"],
+        backbone_label=fields["backbone_label"],
+        **_pixel_arrays(optional, dim, label),
     )
+
+
+def _read_archive(source: str | Path | bytes, label: str) -> tuple[dict, dict, dict]:
+    """(required arrays, optional arrays, metadata dict) of a prototype file, or PrototypeFileError."""
+    try:
+        stream = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+    except FileNotFoundError:
+        raise PrototypeFileError(f"{label}: prototype file not found") from None
+    except OSError as error:
+        raise PrototypeFileError(f"{label}: cannot open ({error.strerror})") from None
+    try:
+        with stream:
+            archive = np.load(stream, allow_pickle=False)
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise PrototypeFileError(f"{label}: not a Protoscope prototype file (a single array, not an .npz "
+                                         "archive)")
+            with archive:
+                arrays, optional, metadata_text = _archive_contents(archive, label)
+    except PrototypeError:
+        raise
+    except ValueError as error:
+        raise PrototypeFileError(f"{label}: not a valid pickle-free .npz prototype file ({error})") from None
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        raise PrototypeFileError(f"{label}: unreadable or truncated prototype file ({error})") from None
+    if metadata_text.dtype.kind != "U" or metadata_text.ndim != 0:
+        raise PrototypeFileError(f"{label}: metadata_json must be one text, got a {metadata_text.dtype} array of "
+                                 f"shape {metadata_text.shape}; {_REMAKE}")
+    try:
+        metadata = json.loads(str(metadata_text))
+    except json.JSONDecodeError as error:
+        raise PrototypeFileError(f"{label}: metadata_json is not valid JSON ({error}); {_REMAKE}") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != "protoscope-prototype":
+        raise PrototypeFileError(f"{label}: not a Protoscope prototype file")
+    return arrays, optional, metadata
+
+
+def _archive_contents(archive: np.lib.npyio.NpzFile, label: str) -> tuple[dict, dict, np.ndarray]:
+    """(required arrays, optional arrays, the metadata_json array) read from an open archive."""
+    missing = [key for key in (*_ARRAY_KEYS, "metadata_json") if key not in archive.files]
+    if missing:
+        raise PrototypeFileError(f"{label}: not a Protoscope prototype file (missing {', '.join(missing)})")
+    arrays = {key: archive[key] for key in _ARRAY_KEYS}
+    optional = {key: archive[key] for key in _OPTIONAL_KEYS if key in archive.files}
+    return arrays, optional, archive["metadata_json"]
+
+
+def _metadata_fields(metadata: dict, label: str) -> dict:
+    """The typed metadata of a prototype file; PrototypeFileError for a missing key or a value of the wrong type."""
+
+    def bad(key: str, expected: str) -> PrototypeFileError:
+        if key not in metadata:
+            return PrototypeFileError(f"{label}: metadata lacks {key!r} ({expected}); {_REMAKE}")
+        return PrototypeFileError(f"{label}: metadata {key!r} must be {expected}, got {metadata[key]!r}; {_REMAKE}")
+
+    def whole(key: str, default: int | None = None, minimum: int = 0) -> int:
+        value = metadata.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer() \
+                or value < minimum:
+            raise bad(key, f"a whole number >= {minimum}")
+        return int(value)
+
+    def text(key: str, required: bool = False) -> str:
+        value = metadata.get(key, None if required else "")
+        if not isinstance(value, str) or (required and not value):
+            raise bad(key, "a non-empty text" if required else "a text")
+        return value
+
+    def real(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    version = whole("format_version", 0)
+    if version > FORMAT_VERSION:
+        raise PrototypeFileError(
+            f"{label}: written by a newer Protoscope (format {version}); this version reads format {FORMAT_VERSION}"
+        )
+    calibrated = metadata.get("calibrated_threshold")
+    if calibrated is not None and not real(calibrated):
+        raise bad("calibrated_threshold", "a finite number or null")
+    intensity = metadata.get("intensity_range")
+    if intensity is not None and not (isinstance(intensity, list) and len(intensity) == 2 and all(map(real, intensity))):
+        raise bad("intensity_range", "two finite numbers [low, high] or null")
+    if "config" not in metadata:
+        raise bad("config", "the pipeline settings")
+    try:
+        config = PipelineConfig.from_dict(metadata["config"])
+    except OptionError as error:
+        raise PrototypeFileError(f"{label}: metadata 'config' is invalid: {error}; {_REMAKE}") from None
+    return {
+        "embed_dim": whole("embed_dim", None, 1),
+        "backbone": text("backbone", required=True),
+        "config": config,
+        "weights_id": text("weights_id"),
+        "source_file": text("source_file"),
+        "channel": whole("channel", 0, -(2**31)),
+        "timepoint": whole("timepoint", 0),
+        "calibrated_threshold": None if calibrated is None else float(calibrated),
+        "intensity_range": None if not intensity else (float(intensity[0]), float(intensity[1])),
+        "created": text("created"),
+        "backbone_label": text("backbone_label"),
+    }
+
+
+def _float_values(array: np.ndarray, key: str, label: str) -> np.ndarray:
+    """``array`` as float32 if it is a real float array without NaN or infinity, else PrototypeFileError."""
+    if array.dtype.kind != "f":
+        raise PrototypeFileError(f"{label}: {key} must hold real floating-point numbers, got dtype {array.dtype}; "
+                                 f"{_REMAKE}")
+    if not np.all(np.isfinite(array)):
+        raise PrototypeFileError(f"{label}: {key} holds NaN or infinite values; {_REMAKE}")
+    return array.astype(np.float32)
+
+
+def _embedding_rows(array: np.ndarray, key: str, dim: int, label: str) -> np.ndarray:
+    """(N, dim) float32 rows of an embedding array stored as (N, dim), (dim,) or empty."""
+    values = _float_values(array, key, label)
+    if values.size == 0:
+        return np.zeros((0, dim), np.float32)
+    if values.ndim not in (1, 2) or values.shape[-1] != dim:
+        raise PrototypeFileError(f"{label}: {key} has shape {values.shape}, but its metadata says the embeddings are "
+                                 f"{dim}-dimensional (expected (N, {dim})); {_REMAKE}")
+    return values.reshape(-1, dim)
+
+
+def _point_rows(array: np.ndarray, key: str, label: str) -> np.ndarray:
+    """(N, 3) rows (x, y, z) of a points array: integers or finite floats, shape (N, 3) or empty."""
+    if array.dtype.kind not in "iuf":
+        raise PrototypeFileError(f"{label}: {key} must hold numbers, got dtype {array.dtype}; {_REMAKE}")
+    if array.size == 0:
+        return np.zeros((0, 3), np.int64)
+    if array.ndim != 2 or array.shape[1] != 3:
+        raise PrototypeFileError(f"{label}: {key} has shape {array.shape}, expected (N, 3) rows of x, y, z; {_REMAKE}")
+    return array
+
+
+def _pixel_arrays(optional: dict[str, np.ndarray], dim: int, label: str) -> dict[str, np.ndarray]:
+    """The optional pixel-branch arrays, checked against each other and the embedding dimension."""
+    values = {key: _float_values(array, key, label) for key, array in optional.items()}
+    examples = [values[key] for key in _OPTIONAL_KEYS[:2] if key in values]
+    if len(examples) == 1:
+        raise PrototypeFileError(f"{label}: has only one of pixel_positive_examples and pixel_negative_examples; "
+                                 f"{_REMAKE}")
+    if examples and (any(e.ndim != 2 for e in examples) or examples[0].shape[1] != examples[1].shape[1]):
+        raise PrototypeFileError(f"{label}: pixel examples must be (M, F) arrays with the same F, got shapes "
+                                 f"{examples[0].shape} and {examples[1].shape}; {_REMAKE}")
+    projection, mean = values.get("pixel_projection"), values.get("pixel_projection_mean")
+    if (projection is None) != (mean is None):
+        raise PrototypeFileError(f"{label}: has only one of pixel_projection and pixel_projection_mean; {_REMAKE}")
+    if projection is not None and (projection.ndim != 2 or projection.shape[0] != dim or mean.shape != (dim,)):
+        raise PrototypeFileError(f"{label}: pixel_projection {projection.shape} and pixel_projection_mean {mean.shape} "
+                                 f"do not fit {dim}-dimensional embeddings (expected ({dim}, k) and ({dim},)); "
+                                 f"{_REMAKE}")
+    return values
 
 
 def now_iso() -> str:

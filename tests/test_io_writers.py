@@ -163,3 +163,33 @@ def test_tiff_mask_writer_refuses_existing(tmp_path):
 def test_parent_folder_is_created(tmp_path):
     out = write_masks(_masks(), tmp_path / "new" / "deeper" / "m.tif")
     assert out.is_file()
+
+
+@pytest.mark.parametrize("name", ["masks.png", "masks", "masks.jpg", "masks.tif.bak", ".tif"])
+def test_an_unknown_mask_extension_is_refused_with_the_supported_list(tmp_path, name):
+    supported = r"\.tif, \.tiff, \.ome\.tif, \.ome\.tiff, \.h5, \.hdf5, \.ims"
+    with pytest.raises(StackError, match=rf"^cannot write masks as '{name}': unknown extension; supported: {supported}$"):
+        write_masks(_masks(), tmp_path / name, overwrite=True)
+    with pytest.raises(StackError, match=r"unknown extension; supported: \.tif, \.tiff$"):
+        TiffMaskWriter(tmp_path / name)
+    assert list(tmp_path.iterdir()) == []  # never a TIFF under another name, and no temp
+
+
+def test_the_streaming_writer_refuses_ome_names_it_would_not_honour(tmp_path):
+    with pytest.raises(StackError, match=r"^cannot stream masks to 'm.ome.tif': this writer makes ImageJ TIFF, not "
+                                         r"OME-TIFF; supported: \.tif, \.tiff$"):
+        TiffMaskWriter(tmp_path / "m.ome.tif")
+    assert list(tmp_path.iterdir()) == []
+    assert write_masks(_masks(), tmp_path / "M.OME.TIFF").is_file()  # write_masks does write OME-TIFF
+
+
+def test_mask_writers_refuse_to_replace_any_input(tmp_path):
+    image = tmp_path / "image.tif"
+    tifffile.imwrite(image, np.zeros((3, 5, 7), np.uint8), photometric="minisblack")
+    before = image.read_bytes()
+    with pytest.raises(StackError, match="is the source file itself"):
+        write_masks(_masks(), image, overwrite=True, sources=[tmp_path / "other.tif", image])
+    with pytest.raises(StackError, match="is the source file itself"):
+        TiffMaskWriter(image, overwrite=True, sources=[image])
+    assert image.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.tif"]

@@ -1,6 +1,6 @@
 """CLI commands for stacks: ``python -m core info STACK`` and ``python -m core export STACK ...``.
 
-`register(subparsers)` adds both to the argparse parser built in core/cli.py.
+`register(subparsers)` adds both to the argparse parser built in core/cli/main.py.
 """
 
 from __future__ import annotations

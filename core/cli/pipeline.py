@@ -1,10 +1,17 @@
-"""CLI commands of the prototype pipeline: ``prototype``, ``apply``, ``evaluate`` and ``demo``."""
+"""CLI commands of the prototype pipeline: ``prototype``, ``apply``, ``evaluate`` and ``demo``.
+
+Each command checks everything it can before loading a backbone (options, thresholds, the slice selection,
+the channel, the output paths), so that a mistake costs no model load and prints only its ``error:`` line.
+The modules that import torch are imported inside the commands: ``python -m core info`` and ``--help`` start
+without it (about 3 s).
+"""
 
 from __future__ import annotations
 
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import shlex
 import sys
@@ -13,7 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from core.config import PipelineConfig, parse_option_assignments
-from core.errors import BackboneError, ProtoscopeError
+from core.errors import OptionError, OutputError, PrototypeFileError
+from core.io import default_image_channel
+from core.io.atomic import write_text
 
 # ---- shared options -----------------------------------------------------------------------------------
 
@@ -56,7 +65,7 @@ def load_backbone_from_args(name: str | None, args: argparse.Namespace, *, weigh
         try:
             overrides = json.loads(args.backbone_config)
         except json.JSONDecodeError as error:
-            raise ProtoscopeError(f"--backbone-config is not valid JSON: {error}") from None
+            raise OptionError(f"--backbone-config is not valid JSON: {error}") from None
     backbone = load_backbone(name, weights or args.weights, device=args.device, seed=seed, config_overrides=overrides)
     announce_backbone(backbone)
     return backbone
@@ -68,14 +77,20 @@ def announce_backbone(backbone) -> None:
         print("WARNING: RANDOM WEIGHTS — for timing and plumbing only; the masks mean nothing.", file=sys.stderr)
 
 
-def default_channel(stack, requested: int | None) -> int:
-    """The channel to segment: as requested, else the penultimate channel of a multi-channel .ims file
-    (the lab convention: last channel = expert mask), else channel 0."""
-    if requested is not None:
-        return stack.resolve_channel(requested)
-    if stack.format == "ims" and stack.shape[1] >= 2:
-        return stack.shape[1] - 2
-    return 0
+def check_outputs(*paths: str | Path | None, overwrite: bool) -> None:
+    """OutputError before any work when an output exists and ``overwrite`` is not set."""
+    for path in paths:
+        if path is not None and Path(path).exists() and not overwrite:
+            raise OutputError(f"{path} already exists; choose another name or add --overwrite")
+
+
+def check_patch_grid(config: PipelineConfig, backbone) -> None:
+    """OptionError when the model input side (option image_size) is not a whole number of the backbone's patches."""
+    size, patch = config.preprocess.image_size, backbone.patch_size
+    if size % patch:
+        low = max(patch, size // patch * patch)
+        raise OptionError(f"option image_size={size} is not a multiple of the {patch}-px patch of {backbone.spec.name}; "
+                          f"use e.g. {low} or {low + patch}")
 
 
 class StderrProgress:
@@ -110,12 +125,12 @@ def cmd_prototype(args: argparse.Namespace) -> int:
 
     points = PointSet.load(args.points)
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ProtoscopeError(f"{out} already exists; choose another --out or add --overwrite")
+    check_outputs(out, overwrite=args.overwrite)
     config = PipelineConfig.for_mode(args.mode).with_options(**parse_option_assignments(args.option))
-    backbone = load_backbone_from_args(args.backbone, args)
     with open_stack(args.stack) as stack:
-        channel = default_channel(stack, args.channel)
+        channel = default_image_channel(stack, args.channel)
+        backbone = load_backbone_from_args(args.backbone, args)
+        check_patch_grid(config, backbone)
         print(f"stack: {stack.path.name} {stack.shape} (Z, C, Y, X), channel {channel} ({stack.channel_names[channel]})",
               file=sys.stderr)
         embedder = SliceEmbedder(stack, channel, backbone, config.preprocess, cache=open_cache(args),
@@ -135,7 +150,11 @@ def weights_for_prototype(weights_id: str) -> tuple[str, int, dict | None]:
         return weights_id[len("file:"):].rsplit("#", 1)[0], 0, None
     if weights_id.startswith("random"):
         parts = weights_id.split(":", 2)
-        seed = int(parts[1].removeprefix("seed")) if len(parts) > 1 and parts[1].startswith("seed") else 0
+        try:
+            seed = int(parts[1].removeprefix("seed")) if len(parts) > 1 and parts[1].startswith("seed") else 0
+        except ValueError:
+            raise PrototypeFileError(f"the prototype's weights id {weights_id!r} has no whole-number seed "
+                                     "(expected random:seedN:...); make the prototype again") from None
         overrides = None
         if len(parts) > 2 and parts[2]:
             overrides = {}
@@ -175,14 +194,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     prototype = load_prototype(args.prototype)
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ProtoscopeError(f"{out} already exists; choose another --out or add --overwrite")
-    backbone = backbone_for_prototype(prototype, args)
+    check_outputs(out, args.areas, overwrite=args.overwrite)
     config = prototype.config.with_options(**parse_option_assignments(args.option))
     threshold = ThresholdSpec.parse(args.threshold) if args.threshold else None
     with open_stack(args.stack) as stack:
-        channel = default_channel(stack, args.channel)
+        channel = default_image_channel(stack, args.channel)
         z_values = parse_z_spec(args.z, stack.shape[0])
+        backbone = backbone_for_prototype(prototype, args)
+        check_patch_grid(config, backbone)
         print(f"stack: {stack.path.name} {stack.shape} (Z, C, Y, X), channel {channel}, {len(z_values)} slice(s); "
               f"{config.describe()}" + (f", threshold {threshold}" if threshold else ""), file=sys.stderr)
         embedder = SliceEmbedder(stack, channel, backbone, config.preprocess, cache=open_cache(args), timepoint=args.timepoint)
@@ -195,7 +214,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         finally:
             progress.close()
     if args.areas:
-        Path(args.areas).write_text(result.to_csv(), encoding="utf-8")
+        write_text(args.areas, result.to_csv(), overwrite=args.overwrite)
     volume = result.volume_um3
     print(f"wrote {out}: {len(result.area_px)} slice(s), {result.volume_voxels} mask voxels"
           + (f", volume {volume:.6g} µm³" if volume is not None else ""))
@@ -212,7 +231,7 @@ def parse_variant(text: str) -> tuple[str, str, dict[str, str]]:
     if not name:
         name = text
     if base not in ("thesis", "best"):
-        raise ProtoscopeError(f"variant {text!r}: the base must be thesis or best (e.g. 'knn=best:scoring=knn')")
+        raise OptionError(f"variant {text!r}: the base must be thesis or best (e.g. 'knn=best:scoring=knn')")
     options = parse_option_assignments([item for item in options_text.split(",") if item]) if options_text else {}
     return name, base, options
 
@@ -222,9 +241,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from core.protocol import BASELINES, EvalStack, Method, ProtocolSettings, evaluate
 
     if args.mask_channel is None and not args.mask_file:
-        raise ProtoscopeError("give --mask-channel M (ground truth inside the stack) or --mask-file FILE ... (one per stack)")
+        raise OptionError("give --mask-channel M (ground truth inside the stack) or --mask-file FILE ... (one per stack)")
     if args.mask_file and len(args.mask_file) != len(args.stacks):
-        raise ProtoscopeError(f"got {len(args.stacks)} stacks but {len(args.mask_file)} mask files; give one mask file per stack")
+        raise OptionError(f"got {len(args.stacks)} stacks but {len(args.mask_file)} mask files; give one mask file per stack")
     stacks = [
         EvalStack(Path(path), args.image_channel, mask_channel=args.mask_channel,
                   mask_path=Path(args.mask_file[i]) if args.mask_file else None)
@@ -236,14 +255,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for text in args.variant or []:
         name, base, options = parse_variant(text)
         if name in (*(m.value for m in Mode), *BASELINES) or name in [m.name for m in methods]:
-            raise ProtoscopeError(f"variant {text!r}: the name {name!r} is already taken (by a mode, a baseline or "
+            raise OptionError(f"variant {text!r}: the name {name!r} is already taken (by a mode, a baseline or "
                                   "another variant); results are reported by name, so choose another")
         methods.append(Method(name, PipelineConfig.for_mode(base).with_options(**options)))
     for baseline in dict.fromkeys(args.baseline or []):
         methods.append(Method(baseline, None))
     pipeline_methods = [m for m in methods if m.config is not None]
     if not methods:
-        raise ProtoscopeError("nothing to evaluate: give --mode, --variant or --baseline")
+        raise OptionError("nothing to evaluate: give --mode, --variant or --baseline")
     backbones = [load_backbone_from_args(name, args) for name in (args.backbone or [None])] if pipeline_methods else []
     settings = ProtocolSettings(
         n_points=args.points, seeds=tuple(range(args.seeds)), n_slices=args.slices, skip_ends=args.skip_ends,
@@ -274,7 +293,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             },
             "seconds": result.seconds,
         }
-        Path(args.json).write_text(json.dumps(payload, indent=1, default=_json_default), encoding="utf-8")
+        # evaluate has no --overwrite and always replaced its reports: a rerun refreshes them
+        write_text(args.json, json.dumps(payload, indent=1, default=_json_default), overwrite=True)
         print(f"summary: {args.json}", file=sys.stderr)
     return 0
 
@@ -291,14 +311,14 @@ def _matrix_json(matrix: dict) -> dict:
     return {ref: {target: {"mean": mean, "std": std} for target, (mean, std) in row.items()} for ref, row in matrix.items()}
 
 
-def write_rows_csv(rows: list[dict], path: Path) -> None:
-    if not rows:
-        path.write_text("", encoding="utf-8")
-        return
-    with open(path, "w", newline="", encoding="utf-8") as stream:
+def write_rows_csv(rows: list[dict], path: Path, *, overwrite: bool = True) -> None:
+    """Write ``rows`` (dicts with the same keys) as CSV with a header, atomically; no rows -> an empty file."""
+    stream = io.StringIO(newline="")
+    if rows:
         writer = csv.DictWriter(stream, fieldnames=list(rows[0].keys()))
         writer.writeheader()
         writer.writerows(rows)
+    write_text(path, stream.getvalue(), overwrite=overwrite)
 
 
 def format_summary(result) -> str:
@@ -364,7 +384,7 @@ def register(subparsers) -> None:
                        help="top:P | score:T | otsu | calibrated (default: the prototype's own)")
     apply.add_argument("--option", action="append", metavar="NAME=VALUE", help="override a pipeline setting (repeatable)")
     apply.add_argument("--areas", default=None, metavar="CSV", help="also write per-slice areas (px, µm²) to this CSV")
-    apply.add_argument("--overwrite", action="store_true")
+    apply.add_argument("--overwrite", action="store_true", help="replace --out and --areas if they exist")
     add_backbone_options(apply)
     add_cache_options(apply)
     apply.set_defaults(func=cmd_apply)

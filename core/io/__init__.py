@@ -2,16 +2,19 @@
 
 The package's public names; the readers and writers live in its modules:
 
-- ``base``: `Stack`, `VoxelSize`, units, `stack_label`, `default_image_channel`, suffixes;
+- ``base``: `Stack`, `VoxelSize`, units, `stack_label`, `default_image_channel`, suffixes, and the edge
+  checks every reader shares (`MAX_PLANE_PIXELS`, positive sizes, numeric pixel types);
 - ``tiff``, ``images``, ``ims``: the readers (`TiffStack`, `ImageStack` / `ImageFolderStack`, `ImsStack`);
 - ``opening``: `open_stack`, which picks the reader;
 - ``masks``, ``writers``, ``ims_append``: mask arrays, mask files, a mask channel in an ``.ims`` copy;
-- ``atomic``: the temp-file-and-rename helper every written file goes through.
+- ``atomic``: the temp-file-and-rename helper every written file goes through (PID-named temps; stale
+  temps of dead processes are removed before the next write to their folder).
 
 Imports run one way: base <- readers <- opening; masks, atomic <- ims_append <- writers.
 """
 
 from core.io.base import (
+    MAX_PLANE_PIXELS,
     SUPPORTED_SUFFIXES,
     Stack,
     VoxelSize,
@@ -24,6 +27,7 @@ from core.io.base import (
 from core.io.opening import open_stack
 
 __all__ = [
+    "MAX_PLANE_PIXELS",
     "SUPPORTED_SUFFIXES",
     "Stack",
     "VoxelSize",

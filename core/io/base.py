@@ -40,12 +40,20 @@ __all__ = [
     "TIFF_SUFFIXES",
     "IMAGE_SUFFIXES",
     "unit_to_um",
+    "MAX_PLANE_PIXELS",
+    "check_plane_pixels",
+    "check_pixel_dtype",
 ]
 
 IMS_SUFFIXES = (".ims",)
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 SUPPORTED_SUFFIXES = IMS_SUFFIXES + TIFF_SUFFIXES + IMAGE_SUFFIXES  # plus a folder of images
+
+#: The largest plane (Y * X pixels) a reader accepts: 2**28 = 16384 x 16384. One plane is read into memory
+#: at a time and the features, scores and masks of a slice are a few times its size, so a larger plane
+#: (a slide scan, or a damaged header declaring 10^6 x 10^6) is refused when the file is opened.
+MAX_PLANE_PIXELS = 1 << 28
 
 # ITU-R BT.601 luma weights, the ones Pillow's convert('L') uses.
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
@@ -104,6 +112,7 @@ class Stack:
         level_shapes: Sequence[tuple[int, int, int]] | None = None,
     ) -> None:
         n_c = int(shape[1])
+        _check_stack_facts(Path(path).name, shape, dtype, n_timepoints, level_shapes)
         self.path = Path(path)
         self.format = format
         self.shape = tuple(int(s) for s in shape)  # type: ignore[assignment]
@@ -280,6 +289,54 @@ class Stack:
                 f"resolution level {lv} requested but '{self.name}' has levels 0..{self.n_levels - 1}"
             )
         return lv
+
+
+def check_plane_pixels(name: str, n_y: int, n_x: int, what: str = "planes") -> None:
+    """StackError when a (Y, X) plane of file `name` exceeds MAX_PLANE_PIXELS (the limit is named)."""
+    if int(n_y) * int(n_x) > MAX_PLANE_PIXELS:
+        raise StackError(
+            f"'{name}' has {what} of {n_x} x {n_y} = {int(n_x) * int(n_y):,} pixels (X x Y), more than the "
+            f"{MAX_PLANE_PIXELS:,} (2^28, e.g. 16384 x 16384) Protoscope reads; crop or downsample the stack "
+            "first (e.g. in Fiji)"
+        )
+
+
+def check_pixel_dtype(name: str, dtype: Any) -> np.dtype:
+    """The dtype if planes can hold it as intensities (bool, integers, floats); StackError otherwise."""
+    dt = np.dtype(dtype)
+    if dt.kind not in "biuf" or dt.fields is not None or dt.subdtype is not None:
+        raise StackError(
+            f"'{name}' has pixel type {dt.name if dt.kind in 'biufc' else str(dt)}, which is not an intensity; "
+            "supported: bool, unsigned and signed integers, floats (convert the file, e.g. in Fiji)"
+        )
+    return dt
+
+
+def _check_stack_facts(name: str, shape: Sequence[int], dtype: Any, n_timepoints: int,
+                       level_shapes: Sequence[Sequence[int]] | None) -> None:
+    """Every reader's edge check: sizes are positive integers, the plane fits the limit, the dtype is numeric.
+
+    Readers check their own format's declarations against the data first (a damaged .ims header, a
+    truncated TIFF); this is the rule the shared `Stack` holds for all of them.
+    """
+    sizes = list(shape) + [n_timepoints] + [v for s in (level_shapes or []) for v in s]
+    if len(shape) != 4 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+                                  for v in sizes):
+        raise StackError(f"'{name}' declares a shape {tuple(shape)} that is not four whole numbers (Z, C, Y, X); "
+                         "the file is damaged")
+    for what, value in zip(("z slices (Z)", "channels (C)", "rows (Y)", "columns (X)"), shape):
+        if value < 1:
+            raise StackError(f"'{name}' has {value} {what}; a stack needs at least one (the file holds no "
+                             "pixels or its header is damaged)")
+    if n_timepoints < 1:
+        raise StackError(f"'{name}' has {n_timepoints} time points; a stack needs at least one (the file is "
+                         "damaged)")
+    for level, lshape in enumerate(level_shapes or []):
+        if len(lshape) != 3 or min(lshape) < 1:
+            raise StackError(f"'{name}' has resolution level {level} of size {tuple(lshape)} (Z, Y, X); every "
+                             "size must be at least 1 (the file is damaged)")
+    check_plane_pixels(name, shape[2], shape[3])
+    check_pixel_dtype(name, dtype)
 
 
 def _as_index(value: Any, what: str, stack: Stack) -> int:

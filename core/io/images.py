@@ -7,13 +7,23 @@ A folder holds one kind of image, one size and one pixel type, in natural sort o
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from core.errors import StackError
-from core.io.base import IMAGE_SUFFIXES, TIFF_SUFFIXES, Stack, bool_to_uint8, natural_sort_key, rgb_to_grey
+from core.io.base import (
+    IMAGE_SUFFIXES,
+    MAX_PLANE_PIXELS,
+    TIFF_SUFFIXES,
+    Stack,
+    bool_to_uint8,
+    check_plane_pixels,
+    natural_sort_key,
+    rgb_to_grey,
+)
 from core.io.tiff import TiffStack
 
 __all__ = ["ImageStack", "ImageFolderStack"]
@@ -36,8 +46,12 @@ class _ImageInfo:
     dtype: np.dtype
 
 
-def _image_info(path: Path) -> _ImageInfo:
-    """Header of a single image (PNG/JPEG/BMP via Pillow, TIFF via tifffile)."""
+def _image_info(path: Path, verify: bool = False) -> _ImageInfo:
+    """Header of a single image (PNG/JPEG/BMP via Pillow, TIFF via tifffile).
+
+    verify : also check the file's structure without decoding it (Pillow's ``verify``: PNG chunk CRCs
+        and a truncated end), so a damaged single image is refused when opened, not when read.
+    """
     if path.suffix.lower() in TIFF_SUFFIXES:
         with TiffStack(path) as st:
             if st.shape[0] * st.shape[1] * st.n_timepoints != 1:
@@ -49,14 +63,23 @@ def _image_info(path: Path) -> _ImageInfo:
     try:
         with Image.open(path) as im:
             mode, (width, height) = im.mode, im.size
+            if verify:
+                try:
+                    im.verify()
+                except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
+                    raise StackError(f"'{path.name}' is a truncated or corrupt image ({exc})") from None
     except UnidentifiedImageError:
         raise StackError(f"'{path.name}' is not a readable {path.suffix} image (unknown or damaged "
                          "content)") from None
-    except OSError as exc:
+    except Image.DecompressionBombError as exc:
+        raise StackError(f"'{path.name}' is too large to decode: {exc} Protoscope reads planes of at most "
+                         f"{MAX_PLANE_PIXELS:,} pixels; crop or downsample the image first") from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:  # Pillow's damage signals
         raise StackError(f"'{path.name}' cannot be read: {exc}") from None
     if mode not in _PIL_MODE_DTYPES:
         raise StackError(f"'{path.name}' has unsupported image mode {mode!r}; supported: grey, RGB(A), "
                          "palette, 16-bit grey, 32-bit integer or float")
+    check_plane_pixels(path.name, height, width, "an image")
     return _ImageInfo(height, width, np.dtype(_PIL_MODE_DTYPES[mode]))
 
 
@@ -78,7 +101,9 @@ def _read_image(path: Path) -> np.ndarray:
                 arr = np.asarray(im.getchannel(0))
             else:
                 arr = rgb_to_grey(np.asarray(im.convert("RGB")))
-    except OSError as exc:
+    except Image.DecompressionBombError as exc:
+        raise StackError(f"'{path.name}' is too large to decode: {exc}") from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:  # Pillow's damage signals
         raise StackError(f"'{path.name}' is a truncated or corrupt image ({exc})") from None
     return arr.astype(_PIL_MODE_DTYPES.get(mode, arr.dtype), copy=False)
 
@@ -87,11 +112,15 @@ class ImageStack(Stack):
     """One PNG / JPEG / BMP image: shape (1, 1, Y, X); RGB is reduced to grey."""
 
     def __init__(self, path: Path) -> None:
-        info = _image_info(path)
+        info = _image_info(path, verify=True)
         super().__init__(path, format="image", shape=(1, 1, info.height, info.width), dtype=info.dtype)
 
     def _read_plane(self, z: int, c: int, t: int, level: int) -> np.ndarray:
-        return _read_image(self.path)
+        arr = _read_image(self.path)
+        if arr.shape != self.shape[2:]:
+            raise StackError(f"'{self.name}' decoded to {arr.shape} but its header said {self.shape[2:]} (Y, X); "
+                             "the file changed since it was opened or is damaged; open it again")
+        return arr
 
 
 def _suffix_family(suffix: str) -> str:

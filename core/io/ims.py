@@ -31,12 +31,14 @@ except ImportError:  # gzip/shuffle files still read; LZ4 ones get a message say
     hdf5plugin = None
 
 from core.errors import StackError
-from core.io.base import Stack, VoxelSize, unit_to_um
+from core.io.base import MAX_PLANE_PIXELS, Stack, VoxelSize, check_plane_pixels, unit_to_um
 
 __all__ = [
     "ImsLayout",
     "ImsStack",
+    "check_channel_data",
     "decode_attr",
+    "declared_count",
     "float_attr",
     "indexed_children",
     "int_attr",
@@ -186,19 +188,168 @@ def _contiguous(indices: list[int], what: str, where: str, name: str) -> int:
     return len(indices)
 
 
-def _level_size(channel_group: h5py.Group, data: h5py.Dataset, image: h5py.Group | None,
-                level: int) -> tuple[int, int, int]:
-    """(Z, Y, X) unpadded size: channel ImageSize*, else DataSetInfo/Image X/Y/Z (level 0), else Data."""
-    size = [int_attr(channel_group, f"ImageSize{a}") for a in "ZYX"]
-    if None in size and level == 0 and image is not None:
-        size = [int_attr(image, a) for a in "ZYX"]
-    if None in size:
-        size = list(data.shape)
-    return tuple(min(int(s), int(d)) for s, d in zip(size, data.shape))  # type: ignore[return-value]
+def _group(f: h5py.File, path: str, name: str) -> h5py.Group:
+    """The HDF5 group at `path`; StackError when it is missing or is a dataset."""
+    obj = f.get(path)
+    if not isinstance(obj, h5py.Group):
+        raise StackError(f"'{name}': {path} is {'missing' if obj is None else 'a dataset, not a group'}; the .ims "
+                         "file is damaged")
+    return obj
+
+
+def declared_count(obj: h5py.HLObject, attr: str, where: str, name: str) -> int | None:
+    """A size or count the file declares as text ('300'), or None when absent or empty.
+
+    Raises StackError naming the file, the attribute and its value when the text is not a whole number
+    >= 1 (zero, negative, '12.5', 'abc', '1e400'): such a header is damaged, and guessing a size from it
+    is how a reader ends up allocating terabytes or indexing an empty axis.
+    """
+    text = read_str_attr(obj, attr)
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value.is_integer() and value >= 1):  # NaN and inf fail is_integer
+        raise StackError(f"'{name}': {where} declares {attr}={text!r}; it must be a whole number of at least 1 "
+                         "(the .ims header is damaged; re-export the file from Imaris or its source)")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class _LevelCheck:
+    """One resolution level as validated: its unpadded (Z, Y, X) size and the dtype of its Data."""
+
+    size: tuple[int, int, int]
+    dtype: np.dtype
+
+
+def _channel_data(f: h5py.File, where: str, name: str) -> tuple[h5py.Group, h5py.Dataset]:
+    """The channel group at `where` and its 3-D `Data`; StackError when either is missing or malformed."""
+    group = _group(f, where, name)
+    data = group.get("Data")
+    if not isinstance(data, h5py.Dataset):
+        raise StackError(f"'{name}' has no dataset {where}/Data; the .ims file is incomplete")
+    if data.ndim != 3:
+        raise StackError(f"'{name}': {where}/Data has {data.ndim} dimensions, expected 3 (Z, Y, X)")
+    return group, data
+
+
+def _checked_size(group: h5py.Group, data: h5py.Dataset, where: str, level: int,
+                  fallback: tuple[int | None, int | None, int | None], name: str) -> _LevelCheck:
+    """(Z, Y, X) size and dtype of one channel's Data: its ImageSize* (else `fallback`, else the Data shape),
+    each a whole number >= 1 and within the Data shape; chunks and plane within MAX_PLANE_PIXELS."""
+    declared = tuple(declared_count(group, f"ImageSize{a}", where, name) for a in "ZYX")
+    declared = tuple(d if d is not None else b for d, b in zip(declared, fallback))
+    size = tuple(int(d) if d is not None else int(n) for d, n in zip(declared, data.shape))
+    for axis, want, have in zip("ZYX", size, data.shape):
+        if have < 1:
+            raise StackError(f"'{name}': {where}/Data is empty (shape {data.shape}); the .ims file holds no pixels "
+                             "there")
+        if want > have:
+            raise StackError(
+                f"'{name}': {where} declares ImageSize{axis}={want} but its Data holds only {have} along {axis} "
+                f"(Data shape {data.shape}, Z, Y, X); the header does not match the data (the .ims file is damaged)"
+            )
+    chunks = data.chunks or data.shape
+    if int(np.prod(chunks, dtype=np.int64)) > MAX_PLANE_PIXELS:
+        raise StackError(f"'{name}': {where}/Data is stored in chunks of {chunks} values, more than the "
+                         f"{MAX_PLANE_PIXELS:,} Protoscope decompresses at a time; re-save the file with Imaris' "
+                         "usual chunks (e.g. 32 x 128 x 128)")
+    check_plane_pixels(name, size[1], size[2], f"level-{level} planes")
+    dtype = data.dtype.newbyteorder("=") if data.dtype.kind in "uif" else data.dtype
+    return _LevelCheck(size, dtype)  # type: ignore[arg-type]
+
+
+def _same_as_level(this: _LevelCheck, level: _LevelCheck, where: str, level_dir: str, name: str) -> None:
+    if this.size != level.size:
+        raise StackError(f"'{name}': {where} is {this.size} (Z, Y, X) but {level_dir}/TimePoint 0/Channel 0 is "
+                         f"{level.size}; all channels and time points of a level have one size (the .ims file is "
+                         "damaged)")
+    if this.dtype != level.dtype:
+        raise StackError(f"'{name}': {where} is {this.dtype.name} but {level_dir}/TimePoint 0/Channel 0 is "
+                         f"{level.dtype.name}; an .ims file has one pixel type for all channels")
+
+
+def _check_level(f: h5py.File, dataset_dir: str, level: int, n_t: int, n_c: int,
+                 image_size: tuple[int | None, int | None, int | None], name: str) -> _LevelCheck:
+    """Validate one resolution level: its groups at every time point, and every channel's Data at time point 0.
+
+    image_size : DataSetInfo/Image (Z, Y, X), the fallback for level 0 (None where absent).
+    Every time point must hold Channel 0..C-1; at time point 0 each Data must exist, be 3-D, hold at least
+    its declared size (the rest is chunk padding), have chunks of at most MAX_PLANE_PIXELS values, and all
+    channels must declare one size and one dtype. The Data of later time points are checked against this
+    level by `check_channel_data` before their first read (a time-lapse can hold thousands of them, and
+    opening must stay quick). Raises StackError naming the group and the mismatch.
+    """
+    level_dir = f"{dataset_dir}/ResolutionLevel {level}"
+    times = indexed_children(_group(f, level_dir, name), "TimePoint")
+    if times != list(range(n_t)):
+        raise StackError(f"'{name}' has TimePoint groups {times} in ResolutionLevel {level} but {list(range(n_t))} "
+                         "in ResolutionLevel 0; the .ims file is damaged")
+    for t in range(n_t):
+        tp_dir = f"{level_dir}/TimePoint {t}"
+        channels = indexed_children(_group(f, tp_dir, name), "Channel")
+        if channels != list(range(n_c)):
+            raise StackError(f"'{name}' has Channel groups {channels} in {tp_dir} but {list(range(n_c))} in "
+                             "ResolutionLevel 0/TimePoint 0; the .ims file is damaged")
+    fallback = image_size if level == 0 else (None, None, None)
+    found: _LevelCheck | None = None
+    for c in range(n_c):
+        where = f"{level_dir}/TimePoint 0/Channel {c}"
+        this = _checked_size(*_channel_data(f, where, name), where, level, fallback, name)
+        if found is None:
+            found = this
+        else:
+            _same_as_level(this, found, where, level_dir, name)
+    assert found is not None
+    return found
+
+
+def check_channel_data(f: h5py.File, layout: "ImsLayout", level: int, t: int, c: int, name: str) -> h5py.Dataset:
+    """The `Data` of (level, t, c), checked against the level's validated size and dtype; StackError if not.
+
+    `ImsStack` calls it before the first read of each (level, t, c); `read_layout` has checked time point 0.
+    """
+    where = layout.group_path(level, t, c)
+    group, data = _channel_data(f, where, name)
+    level_check = _LevelCheck(layout.level_shapes[level], layout.dtype)
+    this = _checked_size(group, data, where, level, level_check.size, name)  # absent ImageSize: the level's
+    _same_as_level(this, level_check, where, f"{layout.dataset_dir}/ResolutionLevel {level}", name)
+    return data
+
+
+def _check_counts(info: h5py.Group | None, n_c: int, n_t: int, name: str) -> None:
+    """The channel and time-point counts DataSetInfo declares (when it does) must match the groups."""
+    if info is None:
+        return
+    image = info.get("Image")
+    if isinstance(image, h5py.Group):
+        noc = declared_count(image, "Noc", "DataSetInfo/Image", name)
+        if noc is not None and noc != n_c:
+            raise StackError(f"'{name}': DataSetInfo/Image declares Noc={noc} channels but the file holds {n_c} "
+                             "channel groups; the .ims header does not match the data (the file is damaged)")
+    time_info = info.get("TimeInfo")
+    if isinstance(time_info, h5py.Group):
+        in_file = declared_count(time_info, "FileTimePoints", "DataSetInfo/TimeInfo", name)
+        if in_file is not None and in_file != n_t:
+            raise StackError(f"'{name}': DataSetInfo/TimeInfo declares FileTimePoints={in_file} but the file holds "
+                             f"{n_t} TimePoint groups; the .ims header does not match the data (the file is damaged)")
+        for spelling in ("DatasetTimePoints", "DataSetTimePoints"):  # both spellings exist (docs/spec/FORMAT.md §5.3)
+            total = declared_count(time_info, spelling, "DataSetInfo/TimeInfo", name)
+            if total is not None and total < n_t:
+                raise StackError(f"'{name}': DataSetInfo/TimeInfo declares {spelling}={total} but the file holds "
+                                 f"{n_t} TimePoint groups; the .ims header does not match the data (the file is "
+                                 "damaged)")
 
 
 def read_layout(f: h5py.File, name: str) -> ImsLayout:
-    """Layout of an open .ims file; StackError when it is not an Imaris file or is damaged."""
+    """Layout of an open .ims file, validated; StackError when it is not an Imaris file or is damaged.
+
+    Every declared size and count is checked once here, against the HDF5 groups and dataset shapes
+    (docs/formats.md, "What is validated"), so reads never trust a header the data contradict.
+    """
     dataset_dir = read_str_attr(f, "DataSetDirectoryName") or "DataSet"
     if dataset_dir not in f:
         dataset_dir = "DataSet"
@@ -210,37 +361,35 @@ def read_layout(f: h5py.File, name: str) -> ImsLayout:
     info_dir = read_str_attr(f, "DataSetInfoDirectoryName") or "DataSetInfo"
     root = f[dataset_dir]
     n_levels = _contiguous(indexed_children(root, "ResolutionLevel"), "ResolutionLevel", dataset_dir, name)
-    level0 = root["ResolutionLevel 0"]
+    level0 = _group(f, f"{dataset_dir}/ResolutionLevel 0", name)
     n_t = _contiguous(indexed_children(level0, "TimePoint"), "TimePoint", "ResolutionLevel 0", name)
-    tp0 = level0["TimePoint 0"]
+    tp0 = _group(f, f"{dataset_dir}/ResolutionLevel 0/TimePoint 0", name)
     n_c = _contiguous(indexed_children(tp0, "Channel"), "Channel", "ResolutionLevel 0/TimePoint 0", name)
     info = f[info_dir] if info_dir in f and isinstance(f[info_dir], h5py.Group) else None
-    image = info["Image"] if info is not None and "Image" in info else None
+    image = info["Image"] if info is not None and isinstance(info.get("Image"), h5py.Group) else None
+    image_size = (tuple(declared_count(image, a, "DataSetInfo/Image", name) for a in "ZYX")
+                  if image is not None else (None, None, None))
+    _check_counts(info, n_c, n_t, name)
 
-    shapes = []
-    dtype = None
-    for r in range(n_levels):
-        path = f"{dataset_dir}/ResolutionLevel {r}/TimePoint 0/Channel 0"
-        if path not in f or "Data" not in f[path] or not isinstance(f[path]["Data"], h5py.Dataset):
-            raise StackError(f"'{name}' has no dataset {path}/Data; the .ims file is incomplete")
-        data = f[path]["Data"]
-        if data.ndim != 3:
-            raise StackError(f"'{name}': {path}/Data has {data.ndim} dimensions, expected 3 (Z, Y, X)")
-        shapes.append(_level_size(f[path], data, image, r))
-        if r == 0:
-            dtype = data.dtype
-    assert dtype is not None
-    native = dtype.newbyteorder("=") if dtype.kind in "uif" else dtype
+    levels = [_check_level(f, dataset_dir, r, n_t, n_c, image_size, name)  # type: ignore[arg-type]
+              for r in range(n_levels)]
+    size0 = levels[0].size
+    for axis, declared, actual in zip("ZYX", image_size, size0):
+        if declared is not None and declared != actual:
+            raise StackError(f"'{name}': DataSetInfo/Image declares {axis}={declared} but ResolutionLevel 0 "
+                             f"declares ImageSize{axis}={actual}; the .ims header contradicts itself (the file is "
+                             "damaged)")
+    native = levels[0].dtype
     if native not in IMS_DTYPES:
         raise StackError(
-            f"'{name}' stores {dtype.name if dtype.kind in 'uifcb' else str(dtype)} pixels, which Imaris does not "
-            f"support; supported: {', '.join(d.name for d in IMS_DTYPES)}"
+            f"'{name}' stores {native.name if native.kind in 'uifcb' else str(native)} pixels, which Imaris does "
+            f"not support; supported: {', '.join(d.name for d in IMS_DTYPES)}"
         )
-    for c in range(1, n_c):
-        other = tp0[f"Channel {c}"].get("Data")
-        if isinstance(other, h5py.Dataset) and other.dtype.newbyteorder("=") != native:
-            raise StackError(f"'{name}': channel {c} is {other.dtype.name} but channel 0 is {native.name}; "
-                             "an .ims file has one pixel type for all channels")
+    for r, level in enumerate(levels[1:], start=1):
+        if level.dtype != native:
+            raise StackError(f"'{name}': resolution level {r} is {level.dtype.name} but level 0 is {native.name}; "
+                             "an .ims file has one pixel type for all levels")
+    shapes = [level.size for level in levels]
 
     names, colors = [], []
     for c in range(n_c):
@@ -303,7 +452,8 @@ class ImsStack(Stack):
         except StackError:
             f.close()
             raise
-        except (KeyError, OSError, ValueError, TypeError) as exc:
+        except (KeyError, OSError, ValueError, TypeError, AttributeError, RuntimeError) as exc:
+            # h5py's own errors on damaged metadata, or a dataset where a group should be
             f.close()
             raise StackError(f"'{path.name}' is a damaged .ims file ({type(exc).__name__}: {exc})") from None
         z, y, x = layout.level_shapes[0]
@@ -320,10 +470,12 @@ class ImsStack(Stack):
     def _dataset(self, level: int, t: int, c: int) -> h5py.Dataset:
         key = (level, t, c)
         if key not in self._datasets:
-            path = self.layout.group_path(level, t, c) + "/Data"
-            if path not in self._h5:
-                raise StackError(f"'{self.name}' has no {path}; the .ims file is incomplete")
-            data = self._h5[path]
+            try:
+                data = check_channel_data(self._h5, self.layout, level, t, c, self.name)
+            except StackError:
+                raise
+            except (KeyError, OSError, ValueError, TypeError, AttributeError, RuntimeError) as exc:
+                raise StackError(f"'{self.name}' is a damaged .ims file ({type(exc).__name__}: {exc})") from None
             _check_filters(data, self.name)
             self._datasets[key] = data
         return self._datasets[key]

@@ -223,6 +223,7 @@ def append_mask_channel(
     overwrite: bool = False,
     description: str = "",
     progress: Callable[[float], None] | None = None,
+    sources: Sequence[str | Path] = (),
 ) -> Path:
     """Write a copy of `source_ims` with `masks` appended as a new last channel (docs/spec/FORMAT.md §8).
 
@@ -235,6 +236,7 @@ def append_mask_channel(
     DataSetInfo/Channel C gets name, colour (RGB 0..1), BaseColor, range 0..255; Image/Noc is updated.
     The source is only read. The copy is written to a temp file beside `out_path` and renamed.
     progress : optional callback receiving the fraction done (0..1).
+    sources : the command's other inputs, which `out_path` may not be (the source never is).
     Returns out_path. Raises StackError for a bad source, a mask of the wrong shape, an existing
     `out_path` without `overwrite`, or `out_path` being the source itself.
     """
@@ -253,7 +255,7 @@ def append_mask_channel(
     if len(color) != 3 or not all(0.0 <= float(v) <= 1.0 for v in color):
         raise StackError(f"mask colour {tuple(color)} for '{out.name}' must be three numbers in 0..1 (R, G, B)")
 
-    with atomic_output(out, overwrite=overwrite, source=source) as tmp:
+    with atomic_output(out, overwrite=overwrite, source=source, sources=sources) as tmp:
         need = source.stat().st_size + (16 << 20)
         free = shutil.disk_usage(tmp.parent).free
         if free < need:

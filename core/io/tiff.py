@@ -19,7 +19,15 @@ from xml.etree import ElementTree
 import numpy as np
 
 from core.errors import StackError
-from core.io.base import Stack, VoxelSize, bool_to_uint8, rgb_to_grey, unit_to_um
+from core.io.base import (
+    MAX_PLANE_PIXELS,
+    Stack,
+    VoxelSize,
+    bool_to_uint8,
+    check_plane_pixels,
+    rgb_to_grey,
+    unit_to_um,
+)
 
 __all__ = ["TiffStack", "TIFF_DTYPES"]
 
@@ -110,9 +118,15 @@ def _open_tiff_file(path: Path):
     try:
         try:
             tif = tifffile.TiffFile(path)
+            if len(tif.pages) == 0 or not tif.series:
+                tif.close()
+                raise StackError(f"'{path.name}' has a TIFF header but no image pages; the file holds no "
+                                 "pixels (it was not fully written)")
             series = tif.series[0]
             pages = len(series)
             last = series[pages - 1] if pages and not series.is_truncated else None
+        except StackError:
+            raise
         except tifffile.TiffFileError as exc:
             if tif is not None:
                 tif.close()
@@ -238,11 +252,24 @@ class TiffStack(Stack):
             # display only, the indices are the measured values)
             is_rgb = keyframe.photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)
             axes, shape = series.get_axes(False), tuple(series.get_shape(False))
+            if len(set(axes)) != len(axes) and len(shape) >= len(keyframe.axes):
+                # tifffile labels some shaped series oddly ('XYX' for a (1, 1, 1) stack): trust the page's
+                # own axes and call the leading ones z
+                axes = "Q" * (len(shape) - len(keyframe.axes)) + keyframe.axes
+            if not shape or 0 in shape or 0 in keyframe.shape:
+                raise StackError(f"'{path.name}' holds an empty image (shape {shape}, axes {axes or 'none'}); "
+                                 "a stack needs at least one pixel along every axis")
+            if keyframe.is_tiled and keyframe.tilelength * keyframe.tilewidth > MAX_PLANE_PIXELS:
+                raise StackError(f"'{path.name}' is stored in tiles of {keyframe.tilewidth} x "
+                                 f"{keyframe.tilelength} pixels, more than the {MAX_PLANE_PIXELS:,} Protoscope "
+                                 "decodes at a time; re-save it with ordinary tiles or strips")
             try:
                 plan = _plan_axes(axes, shape, int(prod(keyframe.shape)), is_rgb)
             except ValueError as exc:
                 raise StackError(f"'{path.name}' has an unsupported TIFF layout: {exc}") from None
             n_t, n_z, n_c = plan.size(plan.t_axes), plan.size(plan.z_axes), plan.size(plan.c_axes)
+            # before the truncation check: a header declaring 10^6 x 10^6 is refused by the limit, by name
+            check_plane_pixels(path.name, shape[plan.axes.index("Y")], shape[plan.axes.index("X")])
             voxel, names, colors = _tiff_voxel_size(tif, series)
             if names is not None and len(names) != n_c:
                 names = None
@@ -261,6 +288,12 @@ class TiffStack(Stack):
             elif series.is_truncated or len(series) < n_pages:
                 raise StackError(f"'{path.name}' is a truncated or corrupt TIFF file: {len(series)} pages "
                                  f"found, {n_pages} expected")
+        except StackError:
+            tif.close()
+            raise
+        except Exception as exc:  # noqa: BLE001 - odd tags make tifffile's metadata properties raise
+            tif.close()
+            raise StackError(f"'{path.name}' is a damaged TIFF file ({type(exc).__name__}: {exc})") from None
         except BaseException:
             tif.close()
             raise

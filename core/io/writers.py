@@ -23,10 +23,11 @@ from core.io.ims_append import append_mask_channel
 from core.io.masks import as_mask_array, mask_to_uint8
 
 # mask_to_uint8 and as_mask_array live in core.io.masks and are re-exported here for callers
-__all__ = ["write_masks", "TiffMaskWriter", "mask_to_uint8", "as_mask_array",
-           "MASK_SUFFIXES"]
+__all__ = ["write_masks", "TiffMaskWriter", "mask_to_uint8", "as_mask_array", "check_mask_suffix",
+           "MASK_SUFFIXES", "TIFF_MASK_SUFFIXES"]
 
 MASK_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".h5", ".hdf5", ".ims")
+TIFF_MASK_SUFFIXES = (".tif", ".tiff")  # what TiffMaskWriter writes: ImageJ TIFF, never OME
 _SLAB_BYTES = 64 << 20  # mask bytes read at a time when converting
 
 
@@ -41,6 +42,20 @@ def _slabs(masks: Any) -> Iterator[tuple[int, np.ndarray]]:
 def _pages(masks: Any) -> Iterator[np.ndarray]:
     for _, slab in _slabs(masks):
         yield from slab
+
+
+def check_mask_suffix(out_path: str | Path, supported: Sequence[str] = MASK_SUFFIXES) -> str:
+    """The supported suffix `out_path` ends with (lower case, longest match: '.ome.tif' before '.tif').
+
+    Raises StackError listing `supported` for any other name ('masks.png', 'masks', 'm.jpg'): a writer
+    never puts a TIFF under another format's name.
+    """
+    name = Path(out_path).name.lower()
+    for suffix in sorted(supported, key=len, reverse=True):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return suffix
+    raise StackError(f"cannot write masks as '{Path(out_path).name}': unknown extension; supported: "
+                     f"{', '.join(supported)}")
 
 
 def _ome_kind(path: Path) -> bool:
@@ -59,6 +74,7 @@ def write_masks(
     overwrite: bool = False,
     description: str = "",
     progress: Callable[[float], None] | None = None,
+    sources: Sequence[str | Path] = (),
 ) -> Path:
     """Write (Z, Y, X) masks in the format given by the extension of `out_path`.
 
@@ -69,35 +85,37 @@ def write_masks(
         (z, y, x), 'axes' = 'ZYX', 'description'.
     .ims : a copy of `source_ims` with the mask appended as a new channel (see
         core.io.ims_append.append_mask_channel); the mask must have the source's full level-0 (Z, Y, X).
-    Returns out_path. Raises StackError for an unknown extension, an existing file without
-    `overwrite`, a bad mask, or (for .ims) a missing/identical source.
+    sources : the command's other inputs; the output may not be one of them (nor `source_ims`).
+    Returns out_path. Raises StackError for an unknown extension (listing the supported ones), an
+    existing file without `overwrite`, an output that is an input, a bad mask, or (for .ims) a missing
+    source.
     """
     out = Path(out_path).expanduser()
-    name = out.name.lower()
+    suffix = check_mask_suffix(out)
     masks = as_mask_array(masks, out)
-    if name.endswith(".ims"):
+    inputs = list(sources)
+    if suffix == ".ims":
         if source_ims is None:
             raise StackError(f"writing the mask as '{out.name}' needs the source .ims file (source_ims) to copy")
         return append_mask_channel(source_ims, out, masks, timepoint=timepoint, channel_name=channel_name,
-                                   color=color, overwrite=overwrite, description=description, progress=progress)
-    if _ome_kind(out):
-        with atomic_output(out, overwrite=overwrite, source=source_ims) as tmp:
+                                   color=color, overwrite=overwrite, description=description, progress=progress,
+                                   sources=inputs)
+    if suffix in (".ome.tif", ".ome.tiff"):
+        with atomic_output(out, overwrite=overwrite, source=source_ims, sources=inputs) as tmp:
             _write_ome_tiff(tmp, masks, voxel_size, channel_name, description)
         return out
-    if name.endswith((".tif", ".tiff")):
-        with TiffMaskWriter(out, voxel_size=voxel_size, overwrite=overwrite, _source=source_ims) as writer:
+    if suffix in TIFF_MASK_SUFFIXES:
+        with TiffMaskWriter(out, voxel_size=voxel_size, overwrite=overwrite,
+                            sources=inputs + ([Path(source_ims)] if source_ims is not None else [])) as writer:
             n_z = masks.shape[0]
             for z, page in enumerate(_pages(masks)):
                 writer.write(page)
                 if progress is not None:
                     progress((z + 1) / n_z)
         return out
-    if name.endswith((".h5", ".hdf5")):
-        with atomic_output(out, overwrite=overwrite, source=source_ims) as tmp:
-            _write_hdf5(tmp, masks, voxel_size, description, progress)
-        return out
-    raise StackError(f"cannot write masks as '{out.name}': unknown extension; supported: "
-                     f"{', '.join(MASK_SUFFIXES)}")
+    with atomic_output(out, overwrite=overwrite, source=source_ims, sources=inputs) as tmp:  # .h5, .hdf5
+        _write_hdf5(tmp, masks, voxel_size, description, progress)
+    return out
 
 
 def _write_ome_tiff(path: Path, masks: Any, voxel_size: VoxelSize | None, channel_name: str,
@@ -143,17 +161,24 @@ class TiffMaskWriter:
 
     `close` (or leaving the `with` block) finishes the file and renames it into place; on an
     exception inside the block the temp file is removed and nothing appears under `out_path`.
-    Raises StackError when pages differ in size, when nothing was written, or when `out_path`
-    exists and not `overwrite`.
+    sources : the command's inputs, which `out_path` may not be.
+    Raises StackError when `out_path` does not end in .tif/.tiff (an ImageJ TIFF is never written under
+    another name, '.ome.tif' included: use `write_masks` for OME-TIFF), when pages differ in size, when
+    nothing was written, or when `out_path` exists and not `overwrite`.
     """
 
     def __init__(self, out_path: str | Path, *, voxel_size: VoxelSize | None = None, overwrite: bool = False,
-                 _source: Path | None = None) -> None:
+                 sources: Sequence[str | Path] = ()) -> None:
         import tifffile
 
+        self._done = True  # nothing to clean up until the temp file exists
         self.out_path = Path(out_path).expanduser()
+        if self.out_path.name.lower().endswith((".ome.tif", ".ome.tiff")):
+            raise StackError(f"cannot stream masks to '{self.out_path.name}': this writer makes ImageJ TIFF, not "
+                             f"OME-TIFF; supported: {', '.join(TIFF_MASK_SUFFIXES)}")
+        check_mask_suffix(self.out_path, TIFF_MASK_SUFFIXES)
         self.voxel_size = voxel_size
-        self._atomic = atomic_output(self.out_path, overwrite=overwrite, source=_source)
+        self._atomic = atomic_output(self.out_path, overwrite=overwrite, sources=sources)
         self._tmp = self._atomic.__enter__()
         self._shape: tuple[int, int] | None = None
         self.n_pages = 0
