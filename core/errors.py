@@ -49,7 +49,7 @@ class ModelFileError(RefineError):
     """A refinement model file (safetensors) is unreadable or its metadata is missing or ill-typed."""
 
 
-class OutputError(ProtoscopeError):
+class OutputError(StackError):
     """An output path cannot be used: it exists, it is an input of the same command, or it is not writable."""
 
 

@@ -16,13 +16,14 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from core.config import PipelineConfig, parse_option_assignments
 from core.errors import OptionError, OutputError, PrototypeFileError
 from core.io import default_image_channel
-from core.io.atomic import write_text
+from core.io.atomic import check_not_an_input, write_text
 
 # ---- shared options -----------------------------------------------------------------------------------
 
@@ -77,10 +78,15 @@ def announce_backbone(backbone) -> None:
         print("WARNING: RANDOM WEIGHTS — for timing and plumbing only; the masks mean nothing.", file=sys.stderr)
 
 
-def check_outputs(*paths: str | Path | None, overwrite: bool) -> None:
-    """OutputError before any work when an output exists and ``overwrite`` is not set."""
-    for path in paths:
-        if path is not None and Path(path).exists() and not overwrite:
+def check_outputs(*paths: str | Path | None, overwrite: bool, inputs: Sequence[str | Path] = ()) -> None:
+    """OutputError before any work when an output exists and ``overwrite`` is not set, is one of the command's
+    ``inputs`` (never allowed, with or without --overwrite), or is named twice."""
+    outputs = [Path(p) for p in paths if p is not None]
+    for index, path in enumerate(outputs):
+        check_not_an_input(path, [Path(p) for p in inputs])
+        if any(path.resolve() == other.resolve() for other in outputs[:index]):
+            raise OutputError(f"{path} is named as two outputs of this command; give each output its own name")
+        if path.exists() and not overwrite:
             raise OutputError(f"{path} already exists; choose another name or add --overwrite")
 
 
@@ -91,6 +97,9 @@ def check_patch_grid(config: PipelineConfig, backbone) -> None:
         low = max(patch, size // patch * patch)
         raise OptionError(f"option image_size={size} is not a multiple of the {patch}-px patch of {backbone.spec.name}; "
                           f"use e.g. {low} or {low + patch}")
+
+
+MAX_PROTOCOL_POINTS = 10_000  # per class and slice: the protocol samples them from the ground truth
 
 
 class StderrProgress:
@@ -125,7 +134,7 @@ def cmd_prototype(args: argparse.Namespace) -> int:
 
     points = PointSet.load(args.points)
     out = Path(args.out)
-    check_outputs(out, overwrite=args.overwrite)
+    check_outputs(out, overwrite=args.overwrite, inputs=(args.stack, args.points))
     config = PipelineConfig.for_mode(args.mode).with_options(**parse_option_assignments(args.option))
     with open_stack(args.stack) as stack:
         channel = default_image_channel(stack, args.channel)
@@ -173,6 +182,10 @@ def backbone_for_prototype(prototype, args: argparse.Namespace):
 
     Warns on stderr when the weights differ, since embeddings from other weights do not match the prototype.
     """
+    requested = getattr(args, "backbone", None)
+    if requested is not None and requested != prototype.backbone:
+        raise OptionError(f"--backbone {requested} disagrees with the prototype, which was made with {prototype.backbone}; "
+                          "a prototype only works with its own backbone: drop --backbone, or make a new prototype")
     weights, seed, overrides = weights_for_prototype(prototype.weights_id)
     if args.weights != "hub" or args.backbone_config:
         weights, overrides = args.weights, None
@@ -194,7 +207,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     prototype = load_prototype(args.prototype)
     out = Path(args.out)
-    check_outputs(out, args.areas, overwrite=args.overwrite)
+    inputs = (args.stack, args.prototype)
+    check_outputs(out, args.areas, overwrite=args.overwrite, inputs=inputs)
     config = prototype.config.with_options(**parse_option_assignments(args.option))
     threshold = ThresholdSpec.parse(args.threshold) if args.threshold else None
     with open_stack(args.stack) as stack:
@@ -207,14 +221,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
         embedder = SliceEmbedder(stack, channel, backbone, config.preprocess, cache=open_cache(args), timepoint=args.timepoint)
         progress = StderrProgress({"embed": "embed+score", "mask": "masks"})
         try:
-            with TiffMaskWriter(out, voxel_size=stack.voxel_size, overwrite=args.overwrite) as writer:
+            with TiffMaskWriter(out, voxel_size=stack.voxel_size, overwrite=args.overwrite, sources=inputs) as writer:
                 result = apply_prototype(embedder, prototype, z_values, lambda z, mask: writer.write(mask),
                                          config=config, threshold=threshold, voxel_size=stack.voxel_size,
                                          on_progress=progress)
         finally:
             progress.close()
     if args.areas:
-        write_text(args.areas, result.to_csv(), overwrite=args.overwrite)
+        write_text(args.areas, result.to_csv(), overwrite=args.overwrite, sources=inputs)
     volume = result.volume_um3
     print(f"wrote {out}: {len(result.area_px)} slice(s), {result.volume_voxels} mask voxels"
           + (f", volume {volume:.6g} µm³" if volume is not None else ""))
@@ -244,6 +258,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise OptionError("give --mask-channel M (ground truth inside the stack) or --mask-file FILE ... (one per stack)")
     if args.mask_file and len(args.mask_file) != len(args.stacks):
         raise OptionError(f"got {len(args.stacks)} stacks but {len(args.mask_file)} mask files; give one mask file per stack")
+    for option, value, low, high in (("--points", args.points, 1, MAX_PROTOCOL_POINTS), ("--seeds", args.seeds, 1, 1000),
+                                     ("--slices", args.slices, 1, 100_000), ("--skip-ends", args.skip_ends, 0, 100_000),
+                                     ("--margin", args.margin, 0, 10_000)):
+        if value is not None and not low <= value <= high:
+            raise OptionError(f"{option} {value} is outside {low}-{high}")
+    csv_out = Path(args.csv) if args.csv else (Path(args.json).with_suffix(".csv") if args.json else None)
+    check_outputs(csv_out, args.json, overwrite=True, inputs=[*args.stacks, *(args.mask_file or [])])
     stacks = [
         EvalStack(Path(path), args.image_channel, mask_channel=args.mask_channel,
                   mask_path=Path(args.mask_file[i]) if args.mask_file else None)
@@ -273,10 +294,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     print(format_summary(result))
-    if args.csv or args.json:
-        csv_path = Path(args.csv) if args.csv else Path(args.json).with_suffix(".csv")
-        write_rows_csv(result.rows, csv_path)
-        print(f"per-slice results: {csv_path}", file=sys.stderr)
+    if csv_out is not None:
+        write_rows_csv(result.rows, csv_out)
+        print(f"per-slice results: {csv_out}", file=sys.stderr)
     if args.json:
         payload = {
             "command": "python -m core " + shlex.join(sys.argv[1:]),

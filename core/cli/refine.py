@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Sequence
 
 from core.cli.pipeline import (
     StderrProgress,
@@ -28,6 +29,7 @@ from core.cli.pipeline import (
 )
 from core.errors import OptionError, OutputError, ProtoscopeError, RefineError
 from core.io import default_image_channel, open_stack, stack_label
+from core.io.atomic import check_not_an_input
 from core.io.writers import TiffMaskWriter
 from core.metrics import dice
 from core.zspec import parse_z_spec
@@ -64,7 +66,8 @@ def _set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def _check_out(path: Path, overwrite: bool) -> None:
+def _check_out(path: Path, overwrite: bool, inputs: Sequence[str | Path | None] = ()) -> None:
+    check_not_an_input(path, [Path(p) for p in inputs if p])
     if path.exists() and not overwrite:
         raise OutputError(f"{path} already exists; choose another --out or add --overwrite")
     if not path.parent.is_dir():
@@ -177,7 +180,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise RefineError(f"--inputs {args.inputs!r} is not an input set; use one of {', '.join(INPUT_SETS)}")
     config = _refine_config(args)
     out = Path(args.out)
-    _check_out(out, args.overwrite)
+    _check_out(out, args.overwrite, [*args.stacks, *(args.mask_file or []), args.prototype])
     _set_threads(args.threads)
     if args.max_side < config.input_size:
         raise OptionError(f"--max-side {args.max_side} is smaller than --input-size {config.input_size}; "
@@ -260,7 +263,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from core.refine.files import load_refiner, read_refiner_metadata
 
     out = Path(args.out)
-    _check_out(out, args.overwrite)
+    inputs = [args.stack, args.model, args.prototype]
+    _check_out(out, args.overwrite, inputs)
     _set_threads(args.threads)
     meta = read_refiner_metadata(args.model)  # ModelFileError for a missing or damaged model, before anything runs
     uses_prototype = meta["channels"] != ["raw"]
@@ -283,7 +287,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
         embedder = None
         if prototype is not None:
             embedder = SliceEmbedder(stack, channel, backbone, prototype.config.preprocess, cache=open_cache(args))
-        with TiffMaskWriter(out, voxel_size=stack.voxel_size, overwrite=args.overwrite) as writer, \
+        with TiffMaskWriter(out, voxel_size=stack.voxel_size, overwrite=args.overwrite,
+                            sources=[p for p in inputs if p]) as writer, \
                 tqdm(total=len(z_values), desc="refine", unit="slice", file=sys.stderr, dynamic_ncols=True) as bar:
             run = refine_stack(refiner, stack, channel, z_values, lambda refined: writer.write(refined.mask),
                                prototype=prototype, embedder=embedder,

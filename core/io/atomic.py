@@ -23,10 +23,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from core.errors import StackError
+from core.errors import OutputError
 
 __all__ = [
     "atomic_output",
+    "check_not_an_input",
     "write_bytes",
     "write_text",
     "temp_path_for",
@@ -120,15 +121,15 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def _check_not_an_input(out: Path, inputs: Sequence[Path]) -> None:
-    """StackError when `out` is one of `inputs` (any spelling, symlink or hard link) or lies inside an
+def check_not_an_input(out: Path, inputs: Sequence[Path]) -> None:
+    """OutputError when `out` is one of `inputs` (any spelling, symlink or hard link) or lies inside an
     input folder (a folder of images is a stack: the output would become one of its slices)."""
     for src in inputs:
         if _same_file(out, src):
-            raise StackError(f"'{out}' is the source file itself ('{src}' is an input of this command); choose "
+            raise OutputError(f"'{out}' is the source file itself ('{src}' is an input of this command); choose "
                              "another output name (inputs are never modified)")
         if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
-            raise StackError(f"'{out}' lies inside the input folder '{src}', where it would become part of that "
+            raise OutputError(f"'{out}' lies inside the input folder '{src}', where it would become part of that "
                              "stack; choose an output outside it")
 
 
@@ -137,13 +138,13 @@ def _reason(exc: OSError) -> str:
 
 
 def _prepare_folder(folder: Path, out: Path) -> None:
-    """Create `folder` if missing; StackError naming the folder when that fails."""
+    """Create `folder` if missing; OutputError naming the folder when that fails."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise StackError(f"cannot write '{out.name}': '{folder}' exists but is not a folder") from None
+        raise OutputError(f"cannot write '{out.name}': '{folder}' exists but is not a folder") from None
     except OSError as exc:
-        raise StackError(f"cannot create the output folder '{folder}' ({_reason(exc)}); choose a folder you can "
+        raise OutputError(f"cannot create the output folder '{folder}' ({_reason(exc)}); choose a folder you can "
                          "write to") from None
 
 
@@ -152,7 +153,7 @@ def _reserve(tmp: Path, out: Path) -> None:
     try:
         fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
     except OSError as exc:
-        raise StackError(f"cannot write in the output folder '{tmp.parent}' ({_reason(exc)}); choose a folder "
+        raise OutputError(f"cannot write in the output folder '{tmp.parent}' ({_reason(exc)}); choose a folder "
                          f"you can write to for '{out.name}'") from None
     os.close(fd)
 
@@ -170,18 +171,18 @@ def atomic_output(out_path: str | Path, *, overwrite: bool = False, source: Path
 
     source, sources : the command's inputs (one, or several); `out_path` may be none of them, even with
         `overwrite`, nor lie inside an input folder.
-    Raises StackError (naming the file or folder) if `out_path` is an input, is a folder, exists and not
+    Raises OutputError (naming the file or folder) if `out_path` is an input, is a folder, exists and not
     `overwrite`, or if its folder cannot be created or written; an OSError of the temp or output file
-    while writing (full disk, permissions) becomes a StackError naming `out_path`. Missing parent folders
+    while writing (full disk, permissions) becomes a OutputError naming `out_path`. Missing parent folders
     are created. The yielded temp file exists (empty); writers may open it for writing or replace it.
     """
     out = Path(out_path).expanduser()
     inputs = [Path(p).expanduser() for p in ([source] if source is not None else []) + list(sources)]
-    _check_not_an_input(out, inputs)
+    check_not_an_input(out, inputs)
     if out.is_dir():
-        raise StackError(f"'{out}' is a folder; give a file name for the output")
+        raise OutputError(f"'{out}' is a folder; give a file name for the output")
     if out.exists() and not overwrite:
-        raise StackError(f"'{out}' already exists; choose another name or allow overwriting "
+        raise OutputError(f"'{out}' already exists; choose another name or allow overwriting "
                          "(overwrite=True, CLI: --overwrite)")
     _prepare_folder(out.parent, out)
     remove_stale_temps(out.parent)
@@ -192,12 +193,12 @@ def atomic_output(out_path: str | Path, *, overwrite: bool = False, source: Path
         try:
             os.replace(tmp, out)
         except OSError as exc:
-            raise StackError(f"cannot move the finished file into place as '{out}' ({_reason(exc)})") from None
+            raise OutputError(f"cannot move the finished file into place as '{out}' ({_reason(exc)})") from None
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         if _is_output_error(exc, tmp, out):
             hint = "; free some space or choose another folder" if exc.errno in _DISK_ERRNOS else ""
-            raise StackError(f"cannot write '{out}' ({_reason(exc)}){hint}") from None
+            raise OutputError(f"cannot write '{out}' ({_reason(exc)}){hint}") from None
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
