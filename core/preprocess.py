@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core.errors import OptionError
+from core.errors import OptionError, StackError
 
 #: Largest number of pixels per slice used to estimate percentiles (a strided subsample beyond this;
 #: the percentiles of a 9-Mpixel slice move by far less than one grey level).
@@ -92,8 +92,7 @@ def intensity_range(image: np.ndarray, percentiles: tuple[float, float] = (5.0, 
 
     image : (Y, X) any real dtype. Returns (low, high) in the image's units.
     """
-    low, high = np.percentile(_subsample(np.asarray(image)), percentiles)
-    return float(low), float(high)
+    return _finite_percentiles(_subsample(np.asarray(image)), percentiles)
 
 
 def pooled_intensity_range(slices: list[np.ndarray], percentiles: tuple[float, float] = (5.0, 95.0)) -> tuple[float, float]:
@@ -105,7 +104,18 @@ def pooled_intensity_range(slices: list[np.ndarray], percentiles: tuple[float, f
         raise ValueError("need at least one slice to estimate a stack-wide intensity range")
     per_slice = max(_PERCENTILE_SAMPLE_PIXELS // len(slices), 10_000)
     pooled = np.concatenate([_subsample(np.asarray(s), per_slice).ravel() for s in slices])
-    low, high = np.percentile(pooled, percentiles)
+    return _finite_percentiles(pooled, percentiles)
+
+
+def _finite_percentiles(values: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
+    """(low, high) percentiles of the finite values (float images may hold NaN or inf where nothing was
+    measured); StackError when there is no finite value at all."""
+    if values.dtype.kind == "f":
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            raise StackError("the image has no finite pixel values (all NaN or infinite); choose another channel "
+                             "or slice, or fix the file")
+    low, high = np.percentile(values, percentiles)
     return float(low), float(high)
 
 
@@ -114,11 +124,15 @@ def rescale(image: np.ndarray, low: float, high: float) -> np.ndarray:
 
     image : (Y, X) any real dtype. Returns (Y, X) float32 in [0, 1]; a flat range gives all zeros.
     """
+    float_input = np.asarray(image).dtype.kind == "f"
     data = np.asarray(image, dtype=np.float32)
     if not high > low:
         return np.zeros(data.shape, dtype=np.float32)
     out = (data - np.float32(low)) / np.float32(high - low)
-    return np.clip(out, 0.0, 1.0, out=out)
+    out = np.clip(out, 0.0, 1.0, out=out)
+    if float_input and not np.isfinite(out).all():
+        out = np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0)  # unmeasured pixels count as background
+    return out
 
 
 def resize(image: np.ndarray, shape: tuple[int, int], *, mode: str = "bilinear") -> np.ndarray:

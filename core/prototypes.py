@@ -42,6 +42,9 @@ _ARRAY_KEYS = (
 )
 
 
+MAX_COORDINATE = 2**31 - 1  # pixels or slices; beyond, int64 rounding and array indices make no sense
+
+
 @dataclass(frozen=True)
 class PointSet:
     """Positive and negative points, each (N, 3) int64 rows of (x, y, z) in original pixels."""
@@ -54,6 +57,10 @@ class PointSet:
             array = np.asarray(getattr(self, name), dtype=np.float64).reshape(-1, 3) if len(getattr(self, name)) else np.zeros((0, 3))
             if not np.all(np.isfinite(array)):
                 raise PrototypeError(f"{name} points contain non-finite coordinates")
+            if array.size and np.abs(array).max() > MAX_COORDINATE:
+                row = array[np.abs(array).max(axis=1).argmax()]
+                raise PrototypeError(f"{name} point ({row[0]:.6g}, {row[1]:.6g}, {row[2]:.6g}) is far outside any stack "
+                                     f"(coordinates are pixels and slices, at most {MAX_COORDINATE:,})")
             object.__setattr__(self, name, np.round(array).astype(np.int64))
 
     @property
