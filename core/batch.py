@@ -3,11 +3,19 @@
 Work happens in two passes so that z-smoothing can see neighbours: first every needed slice is embedded
 (through the cache, so an interrupted run resumes where it stopped) and scored on the patch grid; then each
 requested slice is thresholded at full resolution and handed to a sink (a TIFF writer, a memory-mapped
-volume, ...). Progress callbacks receive (done, total, eta_seconds); ``should_stop`` cancels between slices.
+volume, ...). Without a disk cache the first pass only pays off when every needed slice stays in the
+embedder's memo; otherwise it is skipped and each slice is embedded once, when its score map is made.
+Progress callbacks receive (done, total, eta_seconds); ``should_stop`` cancels between slices.
+
+``MaskVolume`` keeps its memory-mapped scratch files in one Protoscope temp folder (``scratch_dir``), named
+with the PID of the process that made them, and removes those of dead processes: never in an output folder.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import secrets
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -94,6 +102,7 @@ class BatchPlan:
         projection, which computes its pixel features from the slice itself.
     to_embed : (sorted) the needed slices not yet in the embedding cache (phase 'embed'; empty when not
         ``embeds``). A cancelled run resumes with fewer of them.
+    Whether phase 'embed' runs at all is ``embeds_ahead(embedder, plan)``.
     """
 
     z_values: tuple[int, ...]
@@ -134,6 +143,20 @@ def plan_batch(
     return BatchPlan(tuple(int(z) for z in z_values), needed, embeds, to_embed)
 
 
+def embeds_ahead(embedder: "SliceEmbedder", plan: BatchPlan) -> bool:
+    """Whether ``apply_prototype`` runs phase 'embed' (embedding every needed slice before the masks).
+
+    Only when the run reads embeddings at all, and then always with a disk cache (the embeddings are read
+    back from it), but without one only when every needed slice fits in the embedder's memo
+    (``len(needed) * embedding_nbytes <= memo_bytes``): otherwise the first pass's embeddings would be
+    dropped before phase 'mask' uses them, so each slice is embedded once, in phase 'mask' (and no 'embed'
+    progress is reported).
+    """
+    if not plan.embeds:
+        return False
+    return embedder.cache is not None or len(plan.needed) * embedder.embedding_nbytes <= embedder.memo_bytes
+
+
 def _eta(start: float, done: int, total: int) -> float | None:
     if done == 0:
         return None
@@ -166,8 +189,9 @@ def apply_prototype(
 ) -> BatchResult:
     """Segment ``z_values`` (in that order) with ``prototype`` and pass each (Y, X) bool mask to ``sink(z, mask)``.
 
-    Phase 'embed' embeds (through the cache) every requested slice and its z-neighbours; phase 'mask'
-    scores, smooths along z, thresholds and hands each mask to the sink. Score maps are kept only for the
+    Phase 'embed' embeds (through the cache) every requested slice and its z-neighbours (skipped when they
+    would not stay in memory until used, see ``embeds_ahead``); phase 'mask' scores, smooths along z,
+    thresholds and hands each mask to the sink. Score maps are kept only for the
     z window that smoothing needs.
     """
     plan = plan_batch(embedder, prototype, z_values, config=config)
@@ -178,7 +202,7 @@ def apply_prototype(
     if voxel_size is not None:
         result.pixel_area_um2 = float(voxel_size.x * voxel_size.y)
         result.z_step_um = float(voxel_size.z)
-    if plan.embeds:
+    if embeds_ahead(embedder, plan):
         todo = list(plan.to_embed)
         start = time.perf_counter()
         reads = embedder.plan_reads(todo)
@@ -216,24 +240,79 @@ def apply_prototype(
     return result
 
 
+SCRATCH_PREFIX = "masks-"
+_SCRATCH_NAME = re.compile(r"^masks-(\d+)-[0-9a-f]+(-full)?\.npy$")
+
+
+def scratch_dir() -> Path:
+    """The Protoscope temp folder for scratch files (created, private to the user): ``$PROTOSCOPE_TMP`` when
+    set, else ``<system temp>/protoscope-<user>``. Output folders never hold scratch files."""
+    configured = os.environ.get("PROTOSCOPE_TMP", "").strip()
+    if configured:
+        folder = Path(configured).expanduser()
+    else:
+        user = str(os.getuid()) if hasattr(os, "getuid") else re.sub(r"\W+", "_", os.environ.get("USERNAME", "user"))
+        folder = Path(tempfile.gettempdir()) / f"protoscope-{user}"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a PID reused by another process counts as alive: its files stay until
+    that one ends too)."""
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there; never remove what may be in use
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, under another user
+        return True
+    return True
+
+
+def remove_stale_scratch(folder: str | Path | None = None) -> list[Path]:
+    """Delete the MaskVolume scratch files in ``folder`` (default ``scratch_dir()``) whose process has died
+    (a crash or kill -9 skips ``close``); return the paths removed."""
+    folder = Path(folder) if folder is not None else scratch_dir()
+    removed = []
+    for path in folder.glob(f"{SCRATCH_PREFIX}*.npy"):
+        match = _SCRATCH_NAME.match(path.name)
+        if match is None or _process_alive(int(match.group(1))):
+            continue
+        try:
+            path.unlink()
+            removed.append(path)
+        except FileNotFoundError:  # another process cleaned it first
+            pass
+    return removed
+
+
 class MaskVolume:
-    """A (N, Y, X) uint8 0/255 volume in a memory-mapped temporary file, filled slice by slice.
+    """A (N, Y, X) uint8 0/255 volume in a memory-mapped scratch file, filled slice by slice.
 
     ``index_of`` maps stack z to the position in the volume. Used by the app's batch page, whose results
-    may be larger than RAM.
+    may be larger than RAM. The scratch files live in ``scratch_dir()`` (or ``scratch``), named
+    ``masks-<pid>-<token>.npy``; ``close`` removes them, and constructing a MaskVolume removes those a dead
+    process left behind. They are scratch, not output: written in place, never through core.io.atomic.
+
+    directory : ignored (the output folder older callers passed); scratch files never go there.
     """
 
-    def __init__(self, z_values: Sequence[int], slice_shape: tuple[int, int], directory: str | Path | None = None) -> None:
+    def __init__(self, z_values: Sequence[int], slice_shape: tuple[int, int], directory: str | Path | None = None,
+                 *, scratch: str | Path | None = None) -> None:
+        del directory
+        folder = Path(scratch) if scratch is not None else scratch_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_scratch(folder)
         self.z_values = list(z_values)
         self.index_of = {z: i for i, z in enumerate(self.z_values)}
-        handle = tempfile.NamedTemporaryFile(prefix="protoscope-masks-", suffix=".u8", dir=directory, delete=False)
-        handle.close()
-        self.path = Path(handle.name)
-        self.array = np.lib.format.open_memmap(
-            self.path.with_suffix(".npy"), mode="w+", dtype=np.uint8, shape=(len(self.z_values), *slice_shape)
-        )
-        self.path.unlink(missing_ok=True)
-        self.path = self.path.with_suffix(".npy")
+        self.path = folder / f"{SCRATCH_PREFIX}{os.getpid()}-{secrets.token_hex(6)}.npy"
+        self._paths = [self.path]
+        self.array = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.uint8,
+                                               shape=(len(self.z_values), *slice_shape))
         self.filled: set[int] = set()
 
     def __call__(self, z: int, mask: np.ndarray) -> None:
@@ -245,12 +324,20 @@ class MaskVolume:
         if self.z_values == list(range(n_slices)):
             return self.array
         path = self.path.with_name(self.path.stem + "-full.npy")
+        self._paths.append(path)
         full = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n_slices, *self.array.shape[1:]))
         for z, i in self.index_of.items():
             full[z] = self.array[i]
         return full
 
     def close(self) -> None:
-        del self.array
-        for path in self.path.parent.glob(self.path.stem + "*"):
+        """Remove the scratch files (arrays handed out before stay readable on POSIX until dropped)."""
+        self.__dict__.pop("array", None)
+        for path in self._paths:
             path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "MaskVolume":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

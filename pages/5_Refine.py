@@ -10,7 +10,7 @@ from core.errors import ProtoscopeError
 from core.protocol import EvalStack
 from core.refine.model import RefineConfig
 from core.zspec import parse_z_spec
-from ui import layout, refine, resources, settings, state
+from ui import jobs, layout, refine, resources, settings, state
 from ui.batch import format_eta
 from ui.evaluate import short_list
 
@@ -110,7 +110,7 @@ def inputs_section(ctx: resources.Context) -> dict:
     return chosen
 
 
-def training_section(stacks: list[EvalStack]) -> tuple[dict, tuple, int]:
+def training_section(stacks: list[EvalStack]) -> tuple[dict, tuple]:
     st.subheader("4 · Training")
     c1, c2, c3, c4 = st.columns(4)
     config = {
@@ -121,7 +121,7 @@ def training_section(stacks: list[EvalStack]) -> tuple[dict, tuple, int]:
                                     help="stop when the validation loss has not improved for this many epochs"),
         "seed": c4.number_input("Seed", 0, 10_000, **state.widget("refine.seed", 0)),
     }
-    c5, c6, c7 = st.columns([1, 2, 1])
+    c5, c6 = st.columns([1, 2])
     config["augment"] = c5.toggle("Augment (flips, 90° turns)", **state.widget("refine.augment", True))
     kinds = {"fraction": "validate on a fraction of each stack's slices", "stack": "hold out one stack"}
     kind = c6.radio("Validation", list(kinds), format_func=kinds.get, **state.widget("refine.val_kind", "fraction"))
@@ -131,17 +131,15 @@ def training_section(stacks: list[EvalStack]) -> tuple[dict, tuple, int]:
     else:
         labels = [s.label for s in stacks]
         value = c6.selectbox("Validation stack", labels, key="refine.val_stack") if labels else ""
-    threads = c7.number_input("CPU threads", 1, 64, **state.widget("refine.threads", refine.DEFAULT_THREADS),
-                              help="torch threads of the training; 1 is fastest on a busy shared CPU")
-    return config, (kind, value), int(threads)
+    return config, (kind, value)
 
 
-def start(ctx, stacks, z_values, inputs, config, validation, threads) -> None:
+def start(ctx, stacks, z_values, inputs, config, validation) -> None:
     refine_config = RefineConfig(input_set=inputs["input_set"], **config)
     plan = refine.make_plan(ctx, stacks, z_values, refine_config, heatmaps=inputs["heatmaps"],
                             prototype=inputs["prototype"], prototype_name=inputs["prototype_name"],
                             n_points=inputs.get("n_points", 25), points_seed=inputs.get("points_seed", 0),
-                            validation=validation, threads=threads)
+                            validation=validation)
     state.put("refine.job", refine.start_training(ctx, plan))
     st.rerun()
 
@@ -192,14 +190,14 @@ def train_controls(ctx: resources.Context) -> None:
     stacks = training_stacks(ctx)
     z_values = slices_section(stacks) if stacks else {}
     inputs = inputs_section(ctx)
-    config, validation, threads = training_section(stacks)
+    config, validation = training_section(stacks)
     job: refine.TrainJob | None = state.get("refine.job")
     if job is not None and job.running:
         st.markdown("**Training**")
         live_panel()
         return
     if st.button("Train", type="primary", key="refine.train", disabled=not stacks):
-        start(ctx, stacks, z_values, inputs, config, validation, threads)
+        start(ctx, stacks, z_values, inputs, config, validation)
     if job is not None:
         collect(job)
         training_result(job)
@@ -251,8 +249,11 @@ def apply_controls(ctx: resources.Context) -> None:
         def on_progress(done: int, total: int, eta: float | None) -> None:
             bar.progress(done / max(total, 1), text=f"Refining: {done} / {total} slices · {format_eta(eta)}")
 
-        outputs = refine.apply_model(ctx, model, prototype, z_values, prototype_name=name, on_progress=on_progress)
+        outputs = refine.apply_model(ctx, model, prototype, z_values, prototype_name=name, on_progress=on_progress,
+                                     should_stop=jobs.session_watch().should_stop)
         cancel.empty()
+        if outputs is None:  # the session ended mid-run: nobody is left to see a message
+            return
         state.put("refine.result", outputs)
         st.success(f"Refined {len(outputs.z_values)} slices in {outputs.seconds:.1f} s.")
 

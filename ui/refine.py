@@ -4,8 +4,11 @@ Training mirrors ``python -m core refine train``: every chosen slice of every tr
 ``core.protocol.EvalStack``) becomes a ``RefineSample`` (raw slice, the prototype's heatmap and mask, the ground
 truth), the samples are split into training and validation slices, and ``core.refine.train.train_unet`` trains
 with early stopping. It runs in a background thread (``TrainJob``), so the page can draw a live loss plot, take
-a Cancel (``should_stop``: the best model so far is kept) and be left and come back to. Applying runs
-``core.refine.apply.refine_stack``, the loop of ``python -m core refine apply``, into a multi-page TIFF.
+a Cancel (``should_stop``: the best model so far is kept) and be left and come back to. The thread belongs to
+the session that started it: it stops at its next step once that session has ended (``ui.jobs.SessionWatch``:
+the tab was closed). It never changes torch's process-wide thread count, which every session shares. Applying
+runs ``core.refine.apply.refine_stack``, the loop of ``python -m core refine apply``, into a multi-page TIFF,
+and stops likewise with its session (nothing is written then).
 
 Heatmaps come from a prototype saved on the Segment page (applied to every slice, as ``refine train`` does),
 or from per-slice prototypes built from points sampled on each slice's ground truth (``same_slice_samples``,
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -51,7 +55,7 @@ from core.refine.samples import (
 )
 from core.refine.train import EpochReport, train_unet
 from core.zspec import parse_z_spec
-from ui import render, resources, settings
+from ui import jobs, render, resources, settings
 from ui.batch import format_eta, montage_slices, safe_name
 from ui.evaluate import short_list
 from ui.resources import Context
@@ -69,9 +73,6 @@ HEATMAPS = {
     "same-slice": "per-slice prototypes from points sampled on each slice's ground truth",
 }
 INPUT_SIZES = (32, 64, 128, 192, 256, 384, 512)
-#: Training threads: one is fastest on a shared CPU (measured on the 2-core VM under load: ~1.1 s per epoch of
-#: 8 + 2 slices at 128 px, against 5-25 s with two threads competing with other processes).
-DEFAULT_THREADS = 1
 
 
 # ---- training stacks ------------------------------------------------------------------------------------
@@ -158,7 +159,7 @@ class TrainPlan:
     """Everything a training run needs, checked before its thread starts.
 
     heatmaps : 'prototype', 'same-slice', or 'none' (input set 'raw'). validation : ('fraction', f) or
-    ('stack', label). threads : torch CPU threads of the training thread.
+    ('stack', label). Torch's thread count is not part of a plan: it is process-wide, shared by every session.
     """
 
     stacks: tuple[EvalStack, ...]
@@ -171,7 +172,6 @@ class TrainPlan:
     n_points: int = 25
     points_seed: int = 0
     validation: tuple[str, float | str] = ("fraction", 0.2)
-    threads: int = DEFAULT_THREADS
 
     @property
     def n_slices(self) -> int:
@@ -190,7 +190,6 @@ def make_plan(
     n_points: int = 25,
     points_seed: int = 0,
     validation: tuple[str, float | str] = ("fraction", 0.2),
-    threads: int = DEFAULT_THREADS,
 ) -> TrainPlan:
     """A checked TrainPlan; RefineError / PrototypeError saying what to change."""
     if not stacks:
@@ -218,7 +217,7 @@ def make_plan(
     if sum(len(v) for v in z_values.values()) < 2:
         raise RefineError("training needs at least two slices (one to train on, one to validate); choose more slices")
     return TrainPlan(tuple(stacks), dict(z_values), config, heatmaps, prototype if heatmaps == "prototype" else None,
-                     prototype_name, ctx.config, int(n_points), int(points_seed), (kind, value), int(threads))
+                     prototype_name, ctx.config, int(n_points), int(points_seed), (kind, value))
 
 
 @dataclass
@@ -241,10 +240,15 @@ class TrainJob:
     phase : 'samples' (building samples), 'training', then 'done', 'cancelled' or 'failed'.
     history : one core.refine.EpochReport per finished epoch (the live plot).
     model : the trained model (also after a cancel, when at least one epoch finished), else None.
+    watch : the session the job belongs to (``ui.jobs.SessionWatch``); once it has ended the job stops like a
+        Cancel, after the current sample or training slice, and ``session_ended`` is True.
     """
 
-    def __init__(self, plan: TrainPlan, backbone: Backbone, cache: EmbeddingCache | None) -> None:
+    def __init__(self, plan: TrainPlan, backbone: Backbone, cache: EmbeddingCache | None,
+                 watch: jobs.SessionWatch | None = None) -> None:
         self.plan = plan
+        self.watch = watch
+        self.session_ended = False
         self.backbone = backbone
         self.cache = cache
         self.phase = "samples"
@@ -271,6 +275,16 @@ class TrainJob:
         """Ask the thread to stop: after the current sample or training slice; the best model so far is kept."""
         self._stop.set()
 
+    def should_stop(self) -> bool:
+        """Polled by the thread at every step: a Cancel, or the end of the job's session."""
+        if self._stop.is_set():
+            return True
+        if self.watch is not None and self.watch.should_stop():
+            self.session_ended = True
+            self._stop.set()
+            return True
+        return False
+
     @property
     def cancelling(self) -> bool:
         return self._stop.is_set() and self.running
@@ -288,14 +302,12 @@ class TrainJob:
     # -- the thread
     def _on_slice(self, _done: int, _total: int) -> None:
         self.samples_done += 1  # core counts per stack; the job counts over all stacks
-        if self._stop.is_set():
+        if self.should_stop():
             raise _Stopped
 
     def _run(self) -> None:
-        import torch
-
+        # torch's intra-op thread count is process-wide: setting it here would change it for every session
         start = time.perf_counter()
-        torch.set_num_threads(max(1, self.plan.threads))  # this thread's own setting (OpenMP is per thread)
         try:
             phase = self._train()
         except _Stopped:
@@ -308,6 +320,8 @@ class TrainJob:
             LOG.exception("unexpected error while training a refiner")
             self.error, phase = f"unexpected error ({type(error).__name__}: {str(error)[:300]})", "failed"
         self.seconds = time.perf_counter() - start
+        if self.session_ended:
+            LOG.info("refiner training stopped after %d epoch(s): its session ended", len(self.history))
         self.phase = phase  # last: the page treats the job as finished from here on
 
     def _train(self) -> str:
@@ -317,7 +331,7 @@ class TrainJob:
         if all(s.mask is not None for s in val):
             self.prototype_dice = float(np.mean([dice(s.mask, s.truth) for s in val]))
         self.phase = "training"
-        result = train_unet(train, val, self.plan.config, on_epoch=self.history.append, should_stop=self._stop.is_set,
+        result = train_unet(train, val, self.plan.config, on_epoch=self.history.append, should_stop=self.should_stop,
                             metadata=training_metadata(self.plan, self.backbone))
         self.stopped_early = result.stopped_early
         if result.history:
@@ -326,7 +340,8 @@ class TrainJob:
 
 
 def start_training(ctx: Context, plan: TrainPlan) -> TrainJob:
-    return TrainJob(plan, ctx.backbone, resources.embedding_cache()).start()
+    """Start ``plan`` in a background thread bound to the session of the calling script run."""
+    return TrainJob(plan, ctx.backbone, resources.embedding_cache(), jobs.session_watch()).start()
 
 
 def build_samples(plan: TrainPlan, backbone: Backbone, cache: EmbeddingCache | None,
@@ -560,12 +575,15 @@ def apply_model(
     *,
     prototype_name: str = "",
     on_progress: Callable[[int, int, float | None], None] | None = None,
-) -> RefineOutputs:
+    should_stop: Callable[[], bool] | None = None,
+) -> RefineOutputs | None:
     """Refine slices ``z_values`` of the open stack with ``core.refine.apply.refine_stack`` (the loop of
     ``python -m core refine apply``) into a TIFF and a CSV.
 
     The masks stream into core's TIFF writer, which renames the file into place only after the last slice: an
     interrupted run leaves no file. With a ground truth, the Dice of the refined and of the prototype masks.
+    should_stop : polled before each slice (the page passes its session's watch); when it returns True the run
+        ends, nothing is written and the result is None.
     """
     refiner = model_fits(model, prototype, prototype_name, ctx.backbone)
     notes = []
@@ -583,7 +601,9 @@ def apply_model(
         embedder = resources.embedder_for(ctx.sample.path, ctx.channel, ctx.choice, prototype.config.preprocess)
     stack = ctx.stack
     folder = settings.output_dir(stack.path)
-    base = f"{safe_name(stack_label(Path(stack.path)))}_refined_{time.strftime('%Y%m%d-%H%M%S')}"
+    # the random tail keeps two sessions refining one stack in the same second from claiming one file name
+    base = (f"{safe_name(stack_label(Path(stack.path)))}_refined_{time.strftime('%Y%m%d-%H%M%S')}"
+            f"-{secrets.token_hex(2)}")
     picks = set(montage_slices(list(z_values)))
     shown: dict[int, np.ndarray] = {}
     dice_refined, dice_prototype = [], []
@@ -599,9 +619,14 @@ def apply_model(
             shown[refined.z] = refined.mask
 
     tif_path = folder / f"{base}.tif"
-    with TiffMaskWriter(tif_path, voxel_size=stack.voxel_size) as writer:
-        run = refine_stack(refiner, stack, ctx.channel, list(z_values), keep, prototype=prototype, embedder=embedder,
-                           on_progress=on_progress)
+    try:
+        with TiffMaskWriter(tif_path, voxel_size=stack.voxel_size) as writer:
+            run = refine_stack(refiner, stack, ctx.channel, list(z_values), keep, prototype=prototype,
+                               embedder=embedder, on_progress=on_progress, should_stop=should_stop)
+            if run.cancelled:
+                raise _Stopped  # leaving the block by an exception discards the half-written TIFF
+    except _Stopped:
+        return None
     voxel = stack.voxel_size
     outputs = RefineOutputs(
         stack.name, model.name, run.z_values, run.area_px, voxel.x * voxel.y if voxel is not None else None,
