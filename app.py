@@ -16,7 +16,7 @@ from ui.state import BackboneChoice
 
 
 def sample_section() -> None:
-    st.subheader("1 · Sample")
+    st.subheader("Sample")
     source = st.radio("Open", home.SOURCES, horizontal=True, **state.widget("home.source", home.SOURCES[0]))
     if source == home.SOURCES[0]:
         st.caption("A small synthetic stack made by `core/demo.py` (bright winding vessels, round cells as "
@@ -77,23 +77,25 @@ def channel_section() -> None:
     if sample is None:
         return
     stack = resources.open_cached_stack(sample.path)
-    st.subheader("2 · Channels")
+    st.subheader("Channels")
     st.markdown(f"**{sample.name}**" + (" — *synthetic demo, not a real sample*" if sample.is_demo else ""))
     st.caption(home.describe_stack(stack))
     n_channels = stack.shape[1]
-    names = stack.channel_names
-    channel = st.selectbox("Image channel", list(range(n_channels)), format_func=lambda c: f"{c}: {names[c]}",
-                           **state.widget("home.channel", 0))
-    kinds = ["None", "A channel of this stack", "A mask file"]
+    label = home.channel_labeller(stack)
+    channel = st.selectbox("Image channel", list(range(n_channels)), format_func=label,
+                           **state.widget("home.channel", 0, on_change=home.on_channel_setting_change,
+                                          args=("home.channel",)))
+    kinds = list(home.TRUTH_KINDS)
     kind = st.radio("Ground truth (optional: for the feature-space scores and the Evaluate page)", kinds,
-                    horizontal=True, **state.widget("home.truth_kind", "None"))
-    if kind == "None":
+                    horizontal=True, **state.widget("home.truth_kind", "None", on_change=home.on_channel_setting_change,
+                                                    args=("home.truth_kind",)))
+    if kind == kinds[0]:
         state.put("home.truth", None)
     elif kind == kinds[1]:
-        default = next((c for c in range(n_channels) if c != channel), 0)
-        truth_channel = st.selectbox("Ground-truth channel", list(range(n_channels)),
-                                     format_func=lambda c: f"{c}: {names[c]}",
-                                     **state.widget("home.truth_channel", default))
+        truth_channel = st.selectbox("Ground-truth channel", list(range(n_channels)), format_func=label,
+                                     **state.widget("home.truth_channel", home.default_truth_channel(stack, channel),
+                                                    on_change=home.on_channel_setting_change,
+                                                    args=("home.truth_channel",)))
         try:
             state.put("home.truth", home.truth_from_channel(stack, channel, truth_channel))
         except ProtoscopeError as error:
@@ -122,7 +124,7 @@ def truth_file_picker(stack) -> None:
 
 
 def backbone_section() -> None:
-    st.subheader("3 · Backbone")
+    st.subheader("Backbone")
     active = resources.backbone_choice()
     names = home.backbone_options()
     left, right = st.columns(2)
@@ -162,7 +164,7 @@ def backbone_section() -> None:
 
 
 def mode_section() -> None:
-    st.subheader("4 · Mode")
+    st.subheader("Mode")
     mode = st.radio("Pipeline", list(home.MODES), horizontal=True,
                     **state.widget("home.mode", "best", on_change=home.on_mode_change), format_func=home.MODES.get,
                     help="The mode can also be switched in the sidebar of every page.")

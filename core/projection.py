@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -90,6 +91,7 @@ def umap_2d(
     metric: str = "cosine",
     seed: int | None = 0,
     max_samples: int | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> Projection:
     """UMAP map of the embeddings to 2-D (umap-learn); extra points placed with ``.transform``.
 
@@ -99,6 +101,9 @@ def umap_2d(
     seed : int for a reproducible map (UMAP then runs single-threaded); None lets it use all cores.
     max_samples : when N exceeds it, the map is fitted on a seeded subsample and the other rows
         are placed with ``.transform`` (faster for large N; coords still cover all N rows).
+    on_phase : called with each step as it starts, for a progress display: 'load' (importing umap-learn;
+        it compiles on first use), 'fit' (fitting on F rows), 'place' (placing the other rows and extra
+        points into the map).
     Returns a ``Projection`` with ``explained_variance`` None.
 
     The approximate nearest-neighbour search (``force_approximation_algorithm=True``) is always
@@ -112,16 +117,21 @@ def umap_2d(
     fit_rows = np.arange(n)
     if max_samples is not None and n > max_samples:
         fit_rows = np.sort(np.random.default_rng(seed).choice(n, size=max_samples, replace=False))
+    report = on_phase or (lambda phase: None)
+    report("load")
     reducer = _make_umap(
         n_neighbors=min(n_neighbors, fit_rows.size - 1), min_dist=min_dist, metric=metric, seed=seed
     )
     with warnings.catch_warnings():
         # umap-learn warns about its own choices (approximate search, spectral init); not actionable.
         warnings.simplefilter("ignore", UserWarning)
+        report("fit")
         fitted = reducer.fit_transform(x[fit_rows])
         coords = np.empty((n, 2), np.float32)
         coords[fit_rows] = fitted
         rest = np.setdiff1d(np.arange(n), fit_rows, assume_unique=True)
+        if rest.size or e.shape[0]:
+            report("place")
         if rest.size:
             coords[rest] = reducer.transform(x[rest])
         extra_coords = reducer.transform(e).astype(np.float32) if e.shape[0] else np.zeros((0, 2), np.float32)

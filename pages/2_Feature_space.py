@@ -14,7 +14,7 @@ def page() -> None:
     ctx = layout.require_context()
     st.header("Feature space")
     features.start_umap_warm_up()
-    z = segment.choose_slice(ctx, "Embedding slice {z} (once: it is cached on disk)…")
+    z = segment.choose_slice(ctx, "Embedding slice {z} (once: it is cached on disk)…", widget_key="_w.features.z")
     patches = features.slice_patches(ctx, z)
     key = patches.key
 
@@ -28,7 +28,7 @@ def page() -> None:
     options = features.color_options(truth is not None, mask is not None)
     c1, c2 = st.columns(2)
     method = c1.radio("Projection", ["pca", "umap"], horizontal=True, **state.widget("features.method", "pca"),
-                      format_func={"pca": "PCA (instant)", "umap": "UMAP (seconds; first use compiles ~1 min)"}.get)
+                      format_func={"pca": "PCA (instant)", "umap": "UMAP (computed in the background)"}.get)
     color_by = c2.radio("Colour by", options, format_func=features.COLOR_BY.get, horizontal=True,
                         key=f"features.color_by.{'-'.join(options)}")
     labelled = features.labels_for(color_by, ctx, z, patches.grid_shape, mask, truth)
@@ -44,20 +44,20 @@ def page() -> None:
     else:
         st.caption("Choose a ground truth on the Open sample page to see the silhouette and kNN accuracy.")
 
-    umap_ready = f"features.umap_ready.{key}.{len(proto_names)}"
-    if method == "umap" and not st.session_state.get(umap_ready):
-        st.info("UMAP takes a few seconds (about a minute the very first time, while it compiles).")
-        if not st.button("Compute UMAP", type="primary", key="features.compute_umap"):
-            return
-    with st.spinner("Computing the UMAP map…" if method == "umap" else "Computing PCA…"):
-        proj = features.projection(key, method, patches.flat, extra)
+    proj = features.projection(key, "pca", patches.flat, extra)  # instant: shown at once, and while UMAP runs
     if method == "umap":
-        st.session_state[umap_ready] = True
-
+        job = features.umap_job(key, patches.flat, extra)
+        if job.result is not None:
+            proj = job.result
+        elif job.error is not None:
+            st.error(f"UMAP failed ({job.error}); the PCA map is shown.")
+            st.button("Try UMAP again", key="features.umap_retry", on_click=features.forget_umap_job, args=(job.key,))
+        else:
+            umap_progress(job)
     left, right = st.columns([3, 2], gap="large")
     with left:
         event = st.plotly_chart(features.figure(proj, labelled, proto_names), on_select="rerun",
-                                selection_mode=("box", "lasso"), key=f"features.chart.{method}.{key}")
+                                selection_mode=("box", "lasso"), key=f"features.chart.{proj.method}.{key}")
     selected = features.selected_indices(event)
     with right:
         display = render.display_size(ctx.slice_shape, 420, 520)
@@ -67,6 +67,15 @@ def page() -> None:
         st.image(image, caption=(f"{len(selected)} selected patch(es) highlighted in blue" if len(selected)
                                  else "Select patches in the plot (box or lasso) to highlight them here")
                  + " · mask outline in cyan")
+
+
+@st.fragment(run_every=1.0)
+def umap_progress(job: features.UmapJob) -> None:
+    """The UMAP job's phase and time, redrawn every second; the whole page reruns to show the map when ready."""
+    if not job.running:
+        st.rerun()
+    st.info(f"{job.progress_text()} — the PCA map is shown meanwhile; the UMAP map replaces it when it is ready.",
+            icon=":material/hourglass_top:")
 
 
 layout.run_page(page)

@@ -11,7 +11,8 @@ from core.errors import ProtoscopeError
 from core.prototypes import load_prototype
 from core.thresholds import ThresholdSpec
 from core.zspec import parse_z_spec
-from ui import batch, layout, resources, segment, settings, state
+from core.io.channels import default_image_channel_by_name
+from ui import batch, home, layout, resources, segment, settings, state
 
 SOURCES = ("current", "saved", "upload")
 
@@ -47,24 +48,36 @@ def choose_prototype(ctx: resources.Context):
 
 
 def choose_target(ctx: resources.Context, prototype):
-    """The embedder of the stack to segment (this one, or another inside the data root)."""
+    """The embedder of the stack to segment (this one, or another inside the data root) and its channel; the
+    other stack's channel starts at the one named like the prototype's source channel."""
     target = st.radio("Stack", ["this", "other"], horizontal=True, **state.widget("batch.target", "this"),
                       format_func={"this": f"this stack: {ctx.sample.name}", "other": "another stack in the data root"}.get)
     if target == "this":
-        return resources.embedder_for(ctx.sample.path, ctx.channel, ctx.choice, prototype.config.preprocess)
-    c1, c2 = st.columns([3, 1])
-    text = c1.text_input("Path of the other stack (relative to the data root, or absolute inside it)",
-                         **state.widget("batch.other_path", ""))
-    channel = c2.number_input("Its image channel", min_value=-8, max_value=64, step=1,
-                              **state.widget("batch.other_channel", 0))
-    if not text.strip():
-        raise ProtoscopeError("type the path of the other stack, inside the data root "
-                              f"{settings.data_root()}")
-    path = settings.resolve_in_root(text)
+        stack, channel, path = ctx.stack, ctx.channel, ctx.sample.path
+    else:
+        c1, c2 = st.columns([3, 1])
+        text = c1.text_input("Path of the other stack (relative to the data root, or absolute inside it)",
+                             **state.widget("batch.other_path", ""))
+        if not text.strip():
+            raise ProtoscopeError("type the path of the other stack, inside the data root "
+                                  f"{settings.data_root()}")
+        path = settings.resolve_in_root(text)
+        stack = resources.open_cached_stack(path)
+        default = batch.target_channel_default(stack, prototype, default_image_channel_by_name(stack))
+        chosen_for = (str(path), batch.source_channel_name(prototype))
+        if state.get("batch.other_channel_for") != chosen_for:  # a new stack or prototype: start from the default
+            state.put("batch.other_channel_for", chosen_for)
+            state.set_bound("batch.other_channel", default)
+        channel = c2.selectbox("Its image channel", list(range(stack.shape[1])), format_func=home.channel_labeller(stack),
+                               **state.widget("batch.other_channel", default))
+    warning = batch.channel_warning(stack, channel, prototype)
+    if warning:
+        st.warning(warning, icon=":material/warning:")
     return resources.embedder_for(path, int(channel), ctx.choice, prototype.config.preprocess)
 
 
-def run_controls(ctx: resources.Context) -> None:
+def run_controls(ctx: resources.Context, result_slot) -> None:
+    state.put("batch.inputs", None)  # until every input below is read without an error
     prototype, name = choose_prototype(ctx)
     if prototype is None:
         return
@@ -87,16 +100,21 @@ def run_controls(ctx: resources.Context) -> None:
                              **state.widget("batch.formats", ["tif"]))
     plan = plan_batch(embedder, prototype, z_values)
     st.caption(f"{batch.plan_caption(plan, stack.name)}. Output folder: `{settings.output_dir(stack.path, create=False)}`")
+    inputs = batch.run_signature(prototype, name, stack.path, embedder.channel, z_values, threshold, formats)
+    state.put("batch.inputs", inputs)
     embeds = plan.embeds
     if st.button("Run batch", type="primary", key="batch.run"):
-        execute(embedder, prototype, name, z_values, formats, threshold, embeds)
+        # the previous result leaves the page the moment a new run starts: it is not this run's result
+        state.put("batch.result", None)
+        result_slot.empty()
+        execute(embedder, prototype, name, z_values, formats, threshold, embeds, inputs)
     elif state.get("batch.running"):
         state.put("batch.running", False)
         st.warning("The batch was cancelled; no file was written." + (" The slices embedded so far are cached: "
                    "**Run batch** again resumes from there." if embeds else ""))
 
 
-def execute(embedder, prototype, name, z_values, formats, threshold, embeds: bool = True) -> None:
+def execute(embedder, prototype, name, z_values, formats, threshold, embeds: bool = True, inputs: str = "") -> None:
     cancel = st.empty()
     cancel.button("Cancel", key="batch.cancel", help="Stops after the current slice; embedded slices stay cached")
     bars = {"embed": st.progress(0.0, text="Embedding uncached slices…") if embeds else st.empty(),
@@ -109,21 +127,28 @@ def execute(embedder, prototype, name, z_values, formats, threshold, embeds: boo
     state.put("batch.running", True)
     outputs = batch.run(embedder, prototype, z_values, formats, prototype_name=name, threshold=threshold,
                         on_progress=on_progress)
+    outputs.inputs = inputs
     state.put("batch.running", False)
     state.put("batch.result", outputs)
     cancel.empty()
     if outputs.result.cancelled:
         st.warning("The batch was cancelled; run it again to resume from the cache.")
-    else:
-        st.success(f"Batch finished: {len(outputs.z_values)} slices in {outputs.result.seconds:.1f} s.")
 
 
 def show_result() -> None:
+    """The last run's result: 'Batch finished', figures and downloads while the settings are those that made
+    it; marked as the previous run's once any setting changed (or cannot be read)."""
     outputs: batch.BatchOutputs | None = state.get("batch.result")
     if outputs is None or outputs.result.cancelled:
         return
     result = outputs.result
-    st.subheader(f"Result · {outputs.stack_name}")
+    if outputs.inputs and outputs.inputs == state.get("batch.inputs"):
+        st.success(f"Batch finished: {len(outputs.z_values)} slices in {result.seconds:.1f} s.")
+        st.subheader(f"Result · {outputs.stack_name}")
+    else:
+        st.subheader(f"Previous result · {outputs.stack_name}")
+        st.info("The settings above changed since this result was made: it is the previous run's result, not one "
+                "of the current settings. Press **Run batch** for a new one.", icon=":material/history:")
     c1, c2, c3 = st.columns(3)
     c1.metric("Slices", len(result.z_values))
     c2.metric("Mask voxels", f"{result.volume_voxels:,}")
@@ -147,8 +172,12 @@ def page() -> None:
     layout.mode_switch()
     ctx = layout.require_context()
     st.header("Batch")
-    layout.run_page(lambda: run_controls(ctx))
-    show_result()
+    controls = st.container()
+    result_slot = st.empty()  # a run clears it at once, so no earlier result is shown as if it were the new one
+    with controls:
+        layout.run_page(lambda: run_controls(ctx, result_slot))
+    with result_slot.container():
+        show_result()
 
 
 layout.run_page(page)

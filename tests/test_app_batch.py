@@ -105,15 +105,14 @@ def test_uploaded_prototype_applies_to_a_few_slices(app, tmp_path):
     assert Path(app.session_state["batch.result"].files["csv"]).exists()
 
 
-def test_other_stack_by_path_and_a_wrong_channel(app, tmp_path, monkeypatch):
+def test_other_stack_by_path_with_its_channel_names(app, tmp_path, monkeypatch):
     demo_dir = Path(app.session_state["home.sample"].path).parent
     monkeypatch.setenv("PROTOSCOPE_DATA_ROOT", str(demo_dir))
     app.radio(key="_w.batch.target").set_value("other").run()
     app.text_input(key="_w.batch.other_path").input("synthetic_vessels.ome.tif").run()
-    app.number_input(key="_w.batch.other_channel").set_value(5).run()
-    assert [e.value for e in app.error] == [
-        "channel 5 requested but 'synthetic_vessels.ome.tif' has channels 0..1 (or -2..-1 counting from the end)"]
-    app.number_input(key="_w.batch.other_channel").set_value(0).run()
+    picker = app.selectbox(key="_w.batch.other_channel")
+    assert picker.options == ["0 · Synthetic vessels (demo)", "1 · Ground truth (synthetic)"]
+    assert picker.value == 0  # by name: never the ground truth
     app.text_input(key="_w.batch.z").input("11:13").run()
     app.button(key="batch.run").click().run(timeout=300)
     assert not app.exception and not app.error
@@ -135,7 +134,9 @@ def test_imaris_copy_gets_the_mask_channel(shared_data, tmp_path_factory, monkey
     at.radio(key="_w.home.source").set_value("File in the data root").run()
     at.selectbox(key="home.file_pick").set_value("imariswriter_sample.ims").run()
     at.button(key="home.open_file").click().run()
-    assert at.session_state["home.channel"] == 1  # the lab convention: the penultimate channel of an .ims
+    # the lab convention (the penultimate channel of an .ims) would pick 'Ramp x+2y+50z', a test pattern
+    assert at.session_state["home.channel"] == 0
+    assert at.session_state["home.truth"].channel == 2  # 'Mask'
     testing.goto(at, "segment")
     source = shared_data / "ims" / "imariswriter_sample.ims"
     with open_stack(source) as stack:
@@ -185,3 +186,81 @@ def test_plan_batch_names_the_slices_to_embed():
     assert (plan.needed, plan.embeds, plan.to_embed, plan.cached) == ((2,), False, (), 0)
     with pytest.raises(OptionError, match="slice z=10 is outside the stack"):
         plan_batch(embedder, thesis, [3, 10])
+
+
+# ---- issue 11: stale results (point 5) and the channel by name (points 2 and 7) -------------------------
+
+
+def _downloads(at) -> list[str]:
+    return [b.label for b in at.get("download_button") if b.label.startswith("Download ") and ".npz" not in b.label]
+
+
+def test_a_new_run_removes_the_previous_result_at_once(app, monkeypatch):
+    from core.errors import ProtoscopeError
+    from ui import batch as batch_ui
+
+    app.text_input(key="_w.batch.z").input("11:13").run()
+    app.button(key="batch.run").click().run(timeout=300)
+    assert any("Batch finished: 2 slices" in s.value for s in app.success) and _downloads(app)
+    seen = {}
+
+    def failing_run(*args, **kwargs):
+        seen["result"] = app.session_state["batch.result"] if "batch.result" in app.session_state else "unset"
+        raise ProtoscopeError("the disk is full; free some space")
+
+    monkeypatch.setattr(batch_ui, "run", failing_run)
+    app.button(key="batch.run").click().run(timeout=300)
+    assert seen == {"result": None}  # gone from the session (and its slot emptied) before the new run started
+    assert [e.value for e in app.error] == ["the disk is full; free some space"]
+    assert not any("Batch finished" in s.value for s in app.success)
+    assert not _downloads(app) and not any("Result" in h.value for h in app.subheader)
+
+
+def test_a_result_is_marked_stale_when_its_settings_change(app):
+    app.text_input(key="_w.batch.z").input("11:13").run()
+    app.button(key="batch.run").click().run(timeout=300)
+    assert [h.value for h in app.subheader] == ["Result · synthetic_vessels.ome.tif"]
+    app.text_input(key="_w.batch.z").input("11:14").run()
+    assert not any("Batch finished" in s.value for s in app.success)
+    assert [h.value for h in app.subheader] == ["Previous result · synthetic_vessels.ome.tif"]
+    assert any("it is the previous run's result" in i.value for i in app.info)
+    app.text_input(key="_w.batch.z").input("11:13").run()  # the same settings again: it is their result
+    assert any("Batch finished: 2 slices" in s.value for s in app.success)
+
+
+def _with_source_channel(prototype, name: str):
+    """The prototype recording its source channel's name (a field of newer prototype files)."""
+    try:
+        return dataclasses.replace(prototype, source_channel_name=name)
+    except TypeError:  # prototypes before that field: the page reads it with getattr
+        copy = dataclasses.replace(prototype)
+        object.__setattr__(copy, "source_channel_name", name)
+        return copy
+
+
+def test_the_other_stacks_channel_is_found_by_the_prototypes_channel_name(app, tmp_path, monkeypatch):
+    demo = Path(app.session_state["home.sample"].path)
+    root = tmp_path / "root"
+    root.mkdir()
+    with tifffile.TiffFile(demo) as handle:
+        data = handle.series[0].asarray()  # (Z, C, Y, X): image, truth
+    tifffile.imwrite(root / "swapped.ome.tif", data[:, ::-1], metadata={
+        "axes": "ZCYX", "Channel": {"Name": ["Ground truth (synthetic)", "Synthetic vessels (demo)"]}})
+    monkeypatch.setenv("PROTOSCOPE_DATA_ROOT", str(root))
+    saved = app.session_state["segment.prototypes"][0]
+    saved.prototype = _with_source_channel(saved.prototype, "synthetic vessels (DEMO)")
+    app.radio(key="_w.batch.target").set_value("other").run()
+    app.text_input(key="_w.batch.other_path").input("swapped.ome.tif").run()
+    assert app.selectbox(key="_w.batch.other_channel").value == 1  # its name, not its place
+    assert not app.warning and not app.error
+    app.selectbox(key="_w.batch.other_channel").set_value(0).run()
+    warnings = [w.value for w in app.warning]
+    assert len(warnings) == 1 and "made on the channel 'synthetic vessels (DEMO)'" in warnings[0]
+    assert "channel 0 · Ground truth (synthetic) is selected; channel 1 · Synthetic vessels (demo) has that name" \
+        in warnings[0]
+    app.selectbox(key="_w.batch.other_channel").set_value(1).run()
+    app.text_input(key="_w.batch.z").input("12:13").run()
+    app.button(key="batch.run").click().run(timeout=300)
+    assert not app.exception and not app.error
+    np.testing.assert_array_equal(  # the same image as the demo's slice 12: the mask the Segment page showed
+        app.session_state["batch.result"].result.area_px, [int(app.session_state["segment.view"].area_px)])

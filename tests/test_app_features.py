@@ -1,5 +1,5 @@
 """AppTest of the Feature space page: PCA of the slice's patches, colouring, ground-truth scores, selection;
-UMAP behind its button (slow: numba compiles on first use)."""
+UMAP computed in the background while the PCA map is shown (its first fit compiles numba code for a minute)."""
 
 from __future__ import annotations
 
@@ -68,10 +68,16 @@ def test_colours_follow_mask_and_points_after_clicks(app):
 
 def test_figure_and_selection_helpers():
     flat = np.array([[1, 0], [0, 1], [1, 1], [2, 0.5]], np.float32)
-    proj = pca_2d(flat, flat[:1])
+    proj = pca_2d(flat, flat[:3])
     labelled = features.Labelled(np.array(["structure", "background", "structure", "background"]), ("structure", "background"))
-    fig = features.figure(proj, labelled, ["positive prototype 1"])
-    assert [trace.name for trace in fig.data] == ["structure (2)", "background (2)", "prototypes"]
+    fig = features.figure(proj, labelled, ["positive prototype 1", "positive prototype 2", "negative prototype 1"])
+    # issue 11, point 6: one legend entry per kind of prototype, in the colour of its stars
+    assert [trace.name for trace in fig.data] == ["structure (2)", "background (2)", "positive prototypes (2)",
+                                                  "negative prototype"]
+    assert fig.data[2].marker.color == features.PROTOTYPE_COLORS["positive"] == "#006400"
+    assert fig.data[3].marker.color == features.PROTOTYPE_COLORS["negative"] == "#8b0000"
+    assert list(fig.data[2].x) == pytest.approx(proj.extra_coords[:2, 0]) and list(fig.data[3].text) == [
+        "negative prototype 1"]
     assert list(fig.data[0].customdata) == [0, 2]  # patch indices travel with the points
     event = {"selection": {"points": [{"customdata": 2}, {"customdata": [0]}, {"x": 1.0}], "point_indices": [0, 1]}}
     selected = features.selected_indices(event)
@@ -80,25 +86,61 @@ def test_figure_and_selection_helpers():
     assert grid.tolist() == [[True, False], [True, False]]
 
 
-def test_umap_behind_its_button(app, monkeypatch):
-    # The button plumbing only: UMAP itself is replaced by PCA here, because its first fit in a fresh
-    # environment compiles numba code for minutes; core's own UMAP test (tests/test_projection.py) runs the real one.
+def _chart_axis(at) -> str:
+    import json
+
+    return json.loads(at.get("plotly_chart")[0].proto.spec)["layout"]["xaxis"]["title"]["text"]
+
+
+def test_umap_runs_in_the_background_while_pca_is_shown(app, monkeypatch):
+    # UMAP itself is replaced by PCA here, because its first fit in a fresh environment compiles numba code for
+    # a minute; core's own UMAP test (tests/test_projection.py) runs the real one.
     import dataclasses
+    import threading
 
-    calls = []
+    release, calls, phases = threading.Event(), [], []
 
-    def fake_umap(embeddings, extra=None, **kwargs):
+    def slow_umap(embeddings, extra=None, *, on_phase=None, **kwargs):
         calls.append(embeddings.shape)
+        for phase in ("load", "fit"):
+            on_phase(phase)
+            phases.append(phase)
+        assert release.wait(60)
         return dataclasses.replace(pca_2d(embeddings, extra), method="umap", explained_variance=None)
 
-    monkeypatch.setattr(features, "umap_2d", fake_umap)
+    monkeypatch.setattr(features, "umap_2d", slow_umap)
+    assert _chart_axis(app).startswith("PC1 (")
     app.radio(key="_w.features.method").set_value("umap").run()
-    assert any("UMAP takes a few seconds" in info.value for info in app.info)
-    assert not calls  # nothing is computed before the button
-    app.button(key="features.compute_umap").click().run(timeout=120)
     assert not app.exception and not app.error
-    assert calls and calls[0][0] == 70 * 70
-    assert app.get("plotly_chart")
+    job = next(iter(app.session_state["features.umap_jobs"].values()))
+    assert job.running and calls == [(4900, 49)]
+    assert _chart_axis(app).startswith("PC1 (")  # the PCA map at once, not a blank page
+    notes = [i.value for i in app.info if i.value.startswith("UMAP: ")]
+    assert len(notes) == 1 and "the PCA map is shown meanwhile" in notes[0]
+    app.run()  # a rerun while it runs neither restarts it nor waits for it
+    assert calls == [(4900, 49)] and job.running and phases == ["load", "fit"]
+    assert "UMAP: fitting the map" in [i.value for i in app.info if i.value.startswith("UMAP: ")][0]
+    release.set()
+    job.thread.join(60)
+    assert job.phase == "done" and job.result.method == "umap"
+    app.run()
+    assert _chart_axis(app) == "UMAP 1" and not any(i.value.startswith("UMAP: ") for i in app.info)
+    app.radio(key="_w.features.method").set_value("pca").run()
+    app.radio(key="_w.features.method").set_value("umap").run()
+    assert _chart_axis(app) == "UMAP 1" and len(calls) == 1  # kept: not computed again
+
+
+def test_a_failed_umap_says_so_and_keeps_the_pca_map(app, monkeypatch):
+    def broken_umap(*args, **kwargs):
+        raise MemoryError("no room for the graph")
+
+    monkeypatch.setattr(features, "umap_2d", broken_umap)
+    app.radio(key="_w.features.method").set_value("umap").run()
+    job = next(iter(app.session_state["features.umap_jobs"].values()))
+    job.thread.join(30)
+    app.run()
+    assert [e.value for e in app.error] == ["UMAP failed (MemoryError: no room for the graph); the PCA map is shown."]
+    assert _chart_axis(app).startswith("PC1 (") and not app.exception
 
 
 def test_a_rerun_does_not_normalise_the_slice_again(app, monkeypatch):

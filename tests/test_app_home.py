@@ -217,3 +217,81 @@ def test_session_options_keep_only_what_differs_from_the_mode():
     assert home.picked_folder(Path("/r/a/b"), Path("/r"), "..") == "a"
     assert home.picked_folder(Path("/r/a"), Path("/r"), "..") == ""
     assert home.picked_folder(Path("/r/a"), Path("/r"), "c/") == "a/c"
+
+
+# ---- issue 11: headings, channels by name, the sidebar, PNG images -------------------------------------
+
+
+def open_by_path(at, relative: str):
+    at.radio(key="_w.home.source").set_value("File in the data root").run()
+    at.text_input(key="home.path_text").input(relative).run()
+    return at.button(key="home.open_path").click().run()
+
+
+def sidebar_captions(at) -> list[str]:
+    return [c.value for c in at.sidebar.caption]
+
+
+def test_headings_have_no_numbers_that_skip(app):
+    assert [h.value for h in app.subheader] == ["Sample", "Backbone", "Mode"]  # no sample: no Channels section
+    testing.open_demo(app)
+    assert [h.value for h in app.subheader] == ["Sample", "Channels", "Backbone", "Mode"]
+
+
+@pytest.fixture
+def named_ims(data_root):
+    """Two Imaris stacks in the data root, channels named like the issue's two-photon files; the second is
+    the app's own copy with the mask channel appended."""
+    from tests.helpers_io import write_ims
+
+    data = np.random.default_rng(0).integers(0, 200, (1, 4, 2, 32, 32)).astype(np.uint8)
+    write_ims(data_root / "two_photon.ims", data[:, :3], chunks=(2, 32, 32),
+              channel_names=["Smoothed", "Vessels", "Ground truth"])
+    write_ims(data_root / "two_photon_masks.ims", data, chunks=(2, 32, 32),
+              channel_names=["Smoothed", "Vessels", "Ground truth", "Protoscope mask"])
+    return data_root
+
+
+@pytest.mark.parametrize("name", ["two_photon.ims", "two_photon_masks.ims"])
+def test_channel_pickers_show_names_and_default_by_name(app, named_ims, name):
+    open_by_path(app, name)
+    assert not app.exception and not app.error
+    image = app.selectbox(key="_w.home.channel")
+    assert image.options[:3] == ["0 · Smoothed", "1 · Vessels", "2 · Ground truth"]
+    assert image.value == 1  # never the ground truth, nor the app's own mask channel
+    assert app.radio(key="_w.home.truth_kind").value == "A channel of this stack"
+    truth = app.selectbox(key="_w.home.truth_channel")
+    assert truth.value == 2 and truth.options[2] == "2 · Ground truth"
+    assert app.session_state["home.truth"].channel == 2
+    assert "image channel 1 · Vessels · ground truth: channel 2 (Ground truth)" in sidebar_captions(app)
+
+
+def test_a_stack_without_a_truth_named_channel_defaults_to_no_ground_truth(app, data_root):
+    open_by_path(app, "lab/sample.tif")  # channels 'Channel 0', 'Channel 1'
+    assert app.radio(key="_w.home.truth_kind").value == "None"
+    assert app.session_state["home.truth"] is None
+    app.radio(key="_w.home.truth_kind").set_value("A channel of this stack").run()
+    assert app.selectbox(key="_w.home.truth_channel").value == 1  # the first channel that is not the image
+    assert app.session_state["home.truth"].channel == 1
+
+
+def test_the_sidebar_shows_a_new_ground_truth_channel_at_once(app, named_ims):
+    open_by_path(app, "two_photon.ims")
+    app.selectbox(key="_w.home.truth_channel").set_value(0).run()
+    assert app.session_state["home.truth"].channel == 0
+    assert "image channel 1 · Vessels · ground truth: channel 0 (Smoothed)" in sidebar_captions(app)
+    app.radio(key="_w.home.truth_kind").set_value("None").run()
+    assert "image channel 1 · Vessels" in sidebar_captions(app)
+    app.selectbox(key="_w.home.channel").set_value(0).run()
+    assert "image channel 0 · Smoothed" in sidebar_captions(app)
+
+
+def test_a_tiny_png_is_refused_at_once(app, data_root):
+    from PIL import Image
+
+    Image.fromarray(np.full((1, 1), 9, np.uint8)).save(data_root / "dot.png")
+    open_by_path(app, "dot.png")
+    assert not app.exception
+    errors = texts(app, "error")
+    assert len(errors) == 1 and "'dot.png' has slices of 1 x 1 px" in errors[0] and "at least 16 x 16" in errors[0]
+    assert app.session_state["home.sample"] is None

@@ -11,7 +11,7 @@ from core.config import PipelineConfig
 from core.features.embedding import SliceEmbedder
 from core.features.embedding_cache import EmbeddingCache
 from core.io import open_stack
-from core.pipeline import Scorer, build_prototype, build_scorer
+from core.pipeline import Scorer, build_prototype
 from core.prototypes import PointSet, load_prototype
 from core.thresholds import ThresholdSpec, otsu_value
 from ui import canvas, testing
@@ -231,9 +231,59 @@ def test_best_mode_score_slider_takes_over_from_the_calibrated_threshold(best_ap
 
 def test_the_sidebar_switches_to_thesis_mode(best_app, seeds):
     app = click_four(best_app, seeds)
-    app.radio(key="_w.home.mode").set_value("thesis").run()  # the sidebar's switch, on the Segment page
+    app.radio(key="_w.sidebar.mode").set_value("thesis").run()  # the sidebar's switch, on the Segment page
     assert not app.exception and not app.error
     view = app.session_state["segment.view"]
     assert view.segmentation.score_map.shape == (70, 70)
     assert app.session_state["segment.th_kind"] == "top"
     np.testing.assert_array_equal(view.segmentation.mask, reference_segmentation(app, seed_point_set(seeds)).mask)
+
+
+def test_toggles_and_opacity_keep_their_values_over_ten_page_round_trips(app, seeds):
+    """Issue 11, point 3: back on Segment, the Heatmap and Mask outline toggles and the opacity slider showed
+    their widget defaults (off, off, 0) in about 6 of 10 round trips. Entering a page runs it twice at once
+    (the canvas reports its first value), and a browser that drew only the second run's widgets shows what
+    that run told it: the stored value, or the widget's default when the run did not send it."""
+    click_four(app, seeds)
+    app.slider(key="_w.segment.opacity").set_value(0.7).run()
+    keys = {"_w.segment.show_heatmap": True, "_w.segment.show_mask": True, "_w.segment.opacity": 0.7}
+
+    def widgets():
+        return [app.toggle(key="_w.segment.show_heatmap"), app.toggle(key="_w.segment.show_mask"),
+                app.slider(key="_w.segment.opacity")]
+
+    for trip, other in enumerate(["features", "batch", "evaluate", "home", "features"] * 2):
+        testing.goto(app, other)
+        testing.goto(app, "segment")
+        testing.rerun_unmounted(app, widgets())
+        shown = {w.key: testing.shown_value(w) for w in widgets()}
+        assert shown == pytest.approx(keys), f"round trip {trip + 1} via {other}"
+        assert (app.session_state["segment.show_heatmap"], app.session_state["segment.show_mask"],
+                app.session_state["segment.opacity"]) == (True, True, 0.7)
+    assert not app.exception and not app.error
+
+
+@pytest.mark.parametrize("kind", ["grey8", "rgb", "grey16"])
+def test_a_png_image_is_segmented(tmp_path_factory, monkeypatch, tmp_path, kind):
+    """Issue 11, point 1: a PNG opened, then Segment failed with "'bytes' object has no attribute 'nbytes'"."""
+    from PIL import Image
+
+    for key, value in testing.app_environment(tmp_path_factory.getbasetemp()).items():
+        monkeypatch.setenv(key, value)
+    yy, xx = np.mgrid[0:64, 0:80]
+    disc = ((yy - 32) ** 2 + (xx - 24) ** 2) < 144  # a bright disc on the left, dim noise elsewhere
+    grey = (np.random.default_rng(1).random((64, 80)) * 50 + disc * 180).astype(np.uint8)
+    image = {"grey8": grey, "rgb": np.stack([grey, grey, grey // 2], -1), "grey16": grey.astype(np.uint16) * 200}[kind]
+    path = tmp_path / f"{kind}.png"
+    Image.fromarray(image).save(path)
+    at = testing.set_mode(testing.new_app(), "thesis")
+    at.radio(key="_w.home.source").set_value("Upload a small file").run()
+    at.file_uploader(key="home.upload").upload(path.name, path.read_bytes(), "image/png").run()
+    at.button(key="home.open_upload").click().run()
+    at = testing.goto(at, "segment")
+    assert not at.exception and not at.error
+    testing.click(at, [(24, 32), (20, 30)], "positive", slice_shape=(64, 80))
+    testing.click(at, [(70, 8), (70, 56)], "negative", slice_shape=(64, 80))
+    assert not at.exception and not at.error
+    mask = at.session_state["segment.view"].segmentation.mask
+    assert mask.shape == (64, 80) and mask[32, 24] and not mask[8, 70] and not mask[56, 70]

@@ -7,6 +7,8 @@ half-written output. Embeddings go through the on-disk cache: a cancelled run re
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ from core.batch import BatchPlan, BatchResult, MaskVolume, apply_prototype
 from core.features.embedding import SliceEmbedder
 from core.errors import ProtoscopeError
 from core.io import Stack, stack_label
+from core.io.channels import channel_label, matching_channel
 from core.io.atomic import atomic_output
 from core.io.writers import write_masks
 from core.prototypes import Prototype
@@ -44,6 +47,7 @@ class BatchOutputs:
     files: dict[str, str] = field(default_factory=dict)  # format key -> path ('csv' for the areas)
     montage_png: bytes = b""
     threshold: str = ""
+    inputs: str = ""  # run_signature of the settings that made it (the page marks it stale when they change)
 
     @property
     def z_values(self) -> list[int]:
@@ -83,6 +87,45 @@ def plan_caption(plan: BatchPlan, stack_name: str) -> str:
     else:
         done = "no patch embeddings needed (best mode's pixel classifier reads filter features of the slices)"
     return f"{len(plan.z_values)} slice(s) of {stack_name}; {done}; the per-slice areas are always written as CSV"
+
+
+def run_signature(prototype: Prototype, name: str, stack_path: str | Path, channel: int, z_values: list[int],
+                  threshold: ThresholdSpec | None, formats: list[str]) -> str:
+    """A digest of everything that makes a batch result: the prototype (its references, examples, points and
+    threshold), the target stack and channel, the slices, the threshold override and the formats."""
+    digest = hashlib.sha1()
+    for array in (prototype.positive_references, prototype.negative_references, prototype.positive_examples,
+                  prototype.negative_examples):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(json.dumps([name, str(prototype.config.threshold), prototype.points.as_dict(), str(stack_path),
+                              int(channel), [int(z) for z in z_values], str(threshold or ""), sorted(formats)],
+                             default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def source_channel_name(prototype: Prototype) -> str | None:
+    """The name of the channel the prototype was made on, when its file records it (newer prototypes)."""
+    name = getattr(prototype, "source_channel_name", None)
+    return str(name) if name else None
+
+
+def target_channel_default(stack: Stack, prototype: Prototype, fallback: int) -> int:
+    """The channel of ``stack`` to apply the prototype to: the one named like its source channel, else
+    ``fallback`` (the name rules' default image channel)."""
+    found = matching_channel(stack, source_channel_name(prototype))
+    return found if found is not None else fallback
+
+
+def channel_warning(stack: Stack, channel: int, prototype: Prototype) -> str | None:
+    """A warning when the prototype's source channel has another name than the chosen channel, else None."""
+    source = source_channel_name(prototype)
+    if source is None or matching_channel([stack.channel_names[channel]], source) is not None:
+        return None
+    found = matching_channel(stack, source)
+    where = (f"channel {channel_label(stack, found)} has that name" if found is not None
+             else f"'{stack.name}' has no channel of that name")
+    return (f"This prototype was made on the channel '{source}', but channel {channel_label(stack, channel)} is "
+            f"selected; {where}. A prototype applied to another kind of channel usually marks the wrong structures.")
 
 
 def run(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import numpy as np
 import streamlit as st
@@ -20,6 +22,15 @@ COLOR_BY = {"mask": "current mask", "truth": "ground truth", "points": "clicked 
 CLASS_COLORS = {
     "structure": "#e4572e", "background": "#6c8ead",
     "positive point": "#00b000", "negative point": "#e00000", "other patch": "#b8c4d0",
+}
+PROTOTYPE_COLORS = {"positive": "#006400", "negative": "#8b0000"}
+#: What the UMAP job is doing, for its progress note (core.projection.umap_2d's phases).
+UMAP_PHASES = {
+    "queued": "starting",
+    "load": "loading UMAP (the first use in a server compiles it: about a minute)",
+    "fit": "fitting the map",
+    "place": "placing the remaining patches and the prototypes",
+    "done": "done",
 }
 #: UMAP fits on at most this many patches (the rest are placed with .transform): keeps a 70 x 70 grid ~ seconds.
 UMAP_MAX_SAMPLES = 2500
@@ -159,12 +170,17 @@ def figure(proj: Projection, labelled: Labelled, proto_names: list[str]):
                                                   color=CLASS_COLORS.get(name, "#888"), opacity=0.75),
             hovertemplate="patch %{customdata}<extra>" + name + "</extra>",
         ))
-    if len(proj.extra_coords):
-        colors = ["#006400" if n.startswith("positive") else "#8b0000" for n in proto_names]
+    names = np.asarray(proto_names[:len(proj.extra_coords)], dtype=object)
+    for sign in ("positive", "negative"):  # one legend entry per kind, in the colour its stars are drawn in
+        chosen = np.array([str(n).startswith(sign) for n in names], bool)
+        if not chosen.any():
+            continue
+        count = int(chosen.sum())
         fig.add_trace(go.Scatter(
-            x=proj.extra_coords[:, 0], y=proj.extra_coords[:, 1], mode="markers", name="prototypes",
-            text=proto_names, hovertemplate="%{text}<extra></extra>",
-            marker=dict(symbol="star", size=16, color=colors, line=dict(width=1, color="white")),
+            x=proj.extra_coords[chosen, 0], y=proj.extra_coords[chosen, 1], mode="markers",
+            name=f"{sign} prototype" + (f"s ({count})" if count > 1 else ""),
+            text=list(names[chosen]), hovertemplate="%{text}<extra></extra>",
+            marker=dict(symbol="star", size=16, color=PROTOTYPE_COLORS[sign], line=dict(width=1, color="white")),
         ))
     axis = "PC" if proj.method == "pca" else "UMAP "
     titles = [f"{axis}1", f"{axis}2"]
@@ -187,3 +203,63 @@ def start_umap_warm_up() -> bool:
     if os.environ.get("PROTOSCOPE_UMAP_WARMUP", "1").strip() == "0":
         return False
     return _umap_warm_up().is_alive()
+
+
+@dataclass
+class UmapJob:
+    """A UMAP map computed in a background thread while the page shows the PCA map.
+
+    phase : a key of UMAP_PHASES; result / error once the thread has finished.
+    """
+
+    key: str
+    started: float = field(default_factory=time.monotonic)
+    phase: str = "queued"
+    result: Projection | None = None
+    error: str | None = None
+    thread: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def running(self) -> bool:
+        return self.result is None and self.error is None
+
+    def progress_text(self) -> str:
+        return f"UMAP: {UMAP_PHASES.get(self.phase, self.phase)}… {time.monotonic() - self.started:.0f} s"
+
+    def _run(self, flat: np.ndarray, extra: np.ndarray | None) -> None:
+        try:
+            result = umap_2d(flat, extra, seed=0, max_samples=UMAP_MAX_SAMPLES, on_phase=self._set_phase)
+        except Exception as error:  # noqa: BLE001 - reported on the page, never lost in the thread
+            self.error = f"{type(error).__name__}: {error}"
+        else:
+            self.phase, self.result = "done", result
+
+    def _set_phase(self, phase: str) -> None:
+        self.phase = phase
+
+
+#: UMAP jobs kept per session (finished ones are the cache of their maps).
+UMAP_JOBS_KEPT = 6
+
+
+def umap_job(key: str, flat: np.ndarray, extra: np.ndarray | None) -> UmapJob:
+    """The UMAP job of these patches and extra points: the finished or running one, else a new one started in a
+    background thread (``features.umap_jobs`` in the session, the last UMAP_JOBS_KEPT kept)."""
+    job_key = f"{key}|{'' if extra is None else hash(np.ascontiguousarray(extra).tobytes())}"
+    jobs: OrderedDict = state.get("features.umap_jobs") or OrderedDict()
+    job = jobs.get(job_key)
+    if job is None:
+        job = UmapJob(job_key)
+        job.thread = threading.Thread(target=job._run, args=(flat, extra), name="protoscope-umap", daemon=True)
+        job.thread.start()
+        jobs[job_key] = job
+    jobs.move_to_end(job_key)
+    while len(jobs) > UMAP_JOBS_KEPT:
+        jobs.popitem(last=False)
+    state.put("features.umap_jobs", jobs)
+    return job
+
+
+def forget_umap_job(job_key: str) -> None:
+    """Drop a job (an on_click callback: 'Try again' after a failed UMAP)."""
+    (state.get("features.umap_jobs") or OrderedDict()).pop(job_key, None)

@@ -8,7 +8,9 @@ from core.features.backbones import BACKBONES
 from core.config import PipelineConfig, parse_option_assignments
 from core.demo import ensure_demo
 from core.errors import ProtoscopeError, StackError
-from core.io import Stack, default_image_channel
+from core.features.embedding import check_slice_size
+from core.io import Stack
+from core.io.channels import channel_label, default_image_channel_by_name, guess_truth_channel
 from core.thresholds import ThresholdSpec
 from ui import resources, settings, state
 from ui.state import Sample, Truth
@@ -18,23 +20,68 @@ MODES = {
     "best": "best (recommended): pixel classifier on filter features, calibrated threshold",
     "thesis": "thesis: reproduces the thesis (patch cosine, top 10 %)",
 }
+TRUTH_KINDS = ("None", "A channel of this stack", "A mask file")
 WEIGHT_KINDS = {"hub": "Hugging Face hub (cached)", "path": "Local weights (folder or .pth)", "random": "Random (timing only)"}
 
 
 def open_sample(path: str | Path, origin: str, name: str | None = None) -> Sample:
-    """Open a stack (checks it is readable), make it the session's sample and pick default channels."""
+    """Open a stack (checks it is readable and large enough), make it the session's sample and pick default
+    channels by name (core.io.channels): the image channel, and a ground-truth channel when one is named so."""
     path = Path(path).resolve()
     stack = resources.open_cached_stack(path)
+    check_slice_size(stack.shape, f"'{stack.name}'")  # a 1 x 1 image fails here, not minutes later
     sample = Sample(str(path), origin, name or path.name)
     state.put("home.sample", sample)
-    channel = 0 if origin == "demo" else default_image_channel(stack)
+    channel = 0 if origin == "demo" else default_image_channel_by_name(stack)
     state.set_bound("home.channel", channel)
-    truth = Truth(channel=1) if origin == "demo" and stack.shape[1] > 1 else None
+    truth_channel = guess_truth_channel(stack.channel_names, image_channel=channel)
+    truth = Truth(channel=truth_channel) if truth_channel is not None else None
     state.put("home.truth", truth)
-    state.set_bound("home.truth_kind", "A channel of this stack" if truth is not None else "None")
-    if truth is not None:
-        state.set_bound("home.truth_channel", truth.channel)
+    state.set_bound("home.truth_kind", TRUTH_KINDS[1] if truth is not None else TRUTH_KINDS[0])
+    state.set_bound("home.truth_channel", truth_channel if truth is not None else default_truth_channel(stack, channel))
     return sample
+
+
+def channel_labeller(stack: Stack):
+    """format_func of a channel picker: 1 -> '1 · Vessels'."""
+    return lambda c: channel_label(stack, c)
+
+
+def default_truth_channel(stack: Stack, image_channel: int) -> int:
+    """Where the ground-truth channel picker starts: the channel named like a truth, else the first other one."""
+    found = guess_truth_channel(stack.channel_names, image_channel=image_channel)
+    if found is not None:
+        return found
+    return next((c for c in range(stack.shape[1]) if c != image_channel), 0)
+
+
+def truth_setting(stack: Stack) -> Truth | None:
+    """The ground truth the stored settings describe (kind, channel, image channel); None when there is none or
+    it would be the image channel itself. A mask file stays as it was chosen (its button sets it)."""
+    kind = state.get("home.truth_kind", TRUTH_KINDS[0])
+    if kind == TRUTH_KINDS[1]:
+        image = stack.resolve_channel(state.get("home.channel", 0))
+        channel = state.get("home.truth_channel")
+        if channel is None or not 0 <= int(channel) < stack.shape[1] or int(channel) == image:
+            return None
+        return Truth(channel=int(channel))
+    if kind == TRUTH_KINDS[2]:
+        truth = state.get("home.truth")
+        return truth if truth is not None and truth.path is not None else None
+    return None
+
+
+def on_channel_setting_change(key: str) -> None:
+    """on_change of the image channel, truth kind and truth channel pickers: store the value and update the
+    ground truth at once, before this run draws the sidebar (which shows it)."""
+    state.store(key)
+    sample = state.get("home.sample")
+    if sample is None:
+        return
+    try:
+        state.put("home.truth", truth_setting(resources.open_cached_stack(sample.path)))
+    except ProtoscopeError:
+        state.put("home.truth", None)
 
 
 def open_demo() -> Sample:
@@ -142,7 +189,7 @@ def reset_mode_options(mode: str) -> None:
     state.put("home.options", options)
 
 
-def on_mode_change() -> None:
-    """on_change of the mode radios (Open sample page and sidebar)."""
-    state.store("home.mode")
+def on_mode_change(widget_key: str | None = None) -> None:
+    """on_change of the mode radios (Open sample page; the sidebar's passes its widget key)."""
+    state.store("home.mode", widget_key)
     reset_mode_options(state.get("home.mode"))

@@ -9,11 +9,14 @@ import streamlit as st
 
 from core.devices import describe_device
 from core.errors import ProtoscopeError
+from core.io.channels import channel_label
 from ui import home, resources, settings, state
 
 LOG = logging.getLogger("protoscope.app")
 RANDOM_WARNING = "RANDOM WEIGHTS — timing only: the heatmaps and masks mean nothing."
 
+#: Widget key of the sidebar's mode radio (the Open sample page's own is '_w.home.mode').
+SIDEBAR_MODE = "_w.sidebar.mode"
 #: st.Page objects registered by app.py ('home', 'segment', 'features', 'batch', 'evaluate', 'refine').
 PAGES: dict[str, Any] = {}
 
@@ -60,8 +63,9 @@ def sidebar_status() -> None:
             if sample.is_demo:
                 st.caption("Synthetic demo stack (generated, not a real sample)")
             truth = state.get("home.truth")
-            st.caption(f"image channel {state.get('home.channel')}"
-                       + (f" · ground truth: {truth.describe()}" if truth is not None else ""))
+            names = _channel_names(sample.path)
+            st.caption(f"image channel {channel_label(names, state.get('home.channel'))}"
+                       + (f" · ground truth: {truth.describe(names)}" if truth is not None else ""))
         try:
             backbone = resources.active_backbone()
         except ProtoscopeError as error:
@@ -82,11 +86,19 @@ def sidebar_status() -> None:
             st.caption(config.describe())
 
 
+def _channel_names(path: str) -> list[str]:
+    try:
+        return resources.open_cached_stack(path).channel_names
+    except ProtoscopeError:  # the page itself says what is wrong with the file
+        return []
+
+
 def mode_switch() -> None:
     """The mode radio in the sidebar, under the mode's description (every page but Open sample, which has its
     own with the advanced options): thesis mode stays one click away while segmenting."""
     st.sidebar.radio("Mode", list(home.MODES), horizontal=True,
-                     **state.widget("home.mode", "best", on_change=home.on_mode_change), label_visibility="collapsed",
+                     **state.widget("home.mode", "best", on_change=home.on_mode_change, args=(SIDEBAR_MODE,),
+                                   widget_key=SIDEBAR_MODE), label_visibility="collapsed",
                      format_func=lambda m: m + (" (recommended)" if m == "best" else ""),
                      help="best: pixel classifier on filter features, calibrated threshold; thesis: reproduces the "
                           "thesis (patch cosine, top 10 %). Advanced options are on the Open sample page.")

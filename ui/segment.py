@@ -215,13 +215,14 @@ def show_threshold_in_effect(view: View, shape: tuple[int, int]) -> None:
         state.set_bound("segment.th_top", min(max(round(share * 2) / 2, 0.5), 100.0))
 
 
-def choose_slice(ctx: Context, busy: str) -> int:
-    """The slice slider shared by Segment and Feature space (``segment.z``, middle slice at first); the slice is
-    embedded (once, then cached on disk) under a spinner saying ``busy``."""
+def choose_slice(ctx: Context, busy: str, widget_key: str | None = None) -> int:
+    """The slice slider shared by Segment and Feature space (``segment.z``, middle slice at first; each page
+    its own ``widget_key``); the slice is embedded (once, then cached on disk) under a spinner saying ``busy``."""
     n_slices = ctx.n_slices
     if state.get("segment.z") is None or not 0 <= state.get("segment.z") < n_slices:
         state.set_bound("segment.z", n_slices // 2)
-    z = st.slider("Slice z", 0, n_slices - 1, **state.widget("segment.z", n_slices // 2)) if n_slices > 1 else 0
+    z = st.slider("Slice z", 0, n_slices - 1,
+                  **state.widget("segment.z", n_slices // 2, widget_key=widget_key)) if n_slices > 1 else 0
     if not ctx.embedder.is_cached(z):
         with st.spinner(busy.format(z=z)):
             ensure_embedded(ctx, z)

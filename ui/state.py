@@ -116,39 +116,59 @@ def put(key: str, value: Any) -> None:
     st.session_state[key] = value
 
 
-def bind(key: str, default: Any) -> str:
-    """Shadow widget key for the persistent setting ``key``.
+def bind(key: str, default: Any, widget_key: str | None = None) -> str:
+    """Shadow widget key for the persistent setting ``key`` (``_w.<key>`` unless ``widget_key`` is given).
 
-    Streamlit forgets a widget's value when a page without it runs; the value is kept under ``key`` and
-    the widget (key ``_w.<key>``) is re-seeded from it when it reappears. Pass ``on_change=store,
-    args=(key,)`` so the stored value follows the widget before the script runs.
+    Streamlit forgets a widget's value when a page without it runs; the value is kept under ``key``, the one
+    source of truth, and the widget is re-seeded from it whenever the two differ: when the widget reappears,
+    or when another widget of the same setting (the mode radio of the Open sample page and of the sidebar,
+    the slice slider of Segment and Feature space; each page has its own widget key) changed it. Pass
+    ``on_change=store, args=(key, widget_key)`` so the stored value follows the widget before the script
+    runs (``widget`` does).
     """
-    widget = "_w." + key
+    widget = widget_key or "_w." + key
     if key not in st.session_state:
         st.session_state[key] = default
-    if widget not in st.session_state:
+    if widget not in st.session_state or not _same(st.session_state[widget], st.session_state[key]):
         st.session_state[widget] = st.session_state[key]
     return widget
 
 
-def store(key: str) -> None:
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError):  # e.g. arrays: compare as different, so the stored value wins
+        return False
+
+
+def store(key: str, widget_key: str | None = None) -> None:
     """Copy a bound widget's value into its persistent key (an ``on_change`` callback)."""
-    st.session_state[key] = st.session_state["_w." + key]
+    st.session_state[key] = st.session_state[widget_key or "_w." + key]
 
 
 def widget(key: str, default: Any, *, on_change: Callable[..., None] | None = None,
-           args: tuple = ()) -> dict[str, Any]:
+           args: tuple = (), widget_key: str | None = None) -> dict[str, Any]:
     """A widget's session-state arguments for the persistent setting ``key``: ``st.radio(..., **widget(k, d))``.
 
-    Returns dict(key=bind(key, default), on_change=store, args=(key,)). A callback of its own
-    (``on_change``, called with ``args``) replaces ``store`` and must store the value itself.
+    Returns dict(key=bind(key, default, widget_key), on_change=store, args=(key, widget_key),
+    persist_state='session'). A callback of its own (``on_change``, called with ``args``) replaces ``store``
+    and must store the value itself. ``widget_key`` names the widget when the setting has a widget on more
+    than one page (one widget key per page: Streamlit keeps one value per key, and a key shared by two
+    pages' widgets lost its value on the page switch with ``persist_state``).
+
+    ``persist_state='session'`` keeps the widget's value while it is not drawn and makes Streamlit send it
+    to the browser again on every run until the browser reports it back. Without it, entering a page ran
+    it twice at once (the canvas reports its first value): the first run sent the re-seeded value, the
+    second drew the widget without it, and a browser that mounted only the second showed the widget's
+    default (a toggle off, a slider at its minimum) and sent that back with the next click (issue 11,
+    point 3: the heatmap switched itself off).
 
     >>> widget("home.mode", "best")   # doctest: +SKIP
-    {'key': '_w.home.mode', 'on_change': <function store>, 'args': ('home.mode',)}
+    {'key': '_w.home.mode', 'on_change': <function store>, 'args': ('home.mode', None), 'persist_state': 'session'}
     """
     if on_change is None:
-        on_change, args = store, (key,)
-    return {"key": bind(key, default), "on_change": on_change, "args": args}
+        on_change, args = store, (key, widget_key)
+    return {"key": bind(key, default, widget_key), "on_change": on_change, "args": args, "persist_state": "session"}
 
 
 def set_bound(key: str, value: Any) -> None:

@@ -64,8 +64,10 @@ def goto(at, page: str):
 
 
 def set_mode(at, mode: str):
-    """Switch the pipeline mode ('best' is the default, 'thesis') with the radio of the page shown, and run."""
-    at.radio(key="_w.home.mode").set_value(mode).run()
+    """Switch the pipeline mode ('best' is the default, 'thesis') with the radio of the page shown (the Open
+    sample page's, else the sidebar's), and run."""
+    keys = {r.key for r in at.radio}
+    at.radio(key="_w.home.mode" if "_w.home.mode" in keys else "_w.sidebar.mode").set_value(mode).run()
     return at
 
 
@@ -132,3 +134,25 @@ def demo_with_saved_prototype(base: Path, output_dir: Path, monkeypatch, z: int)
     click(at, negative, "negative")
     at.button(key="segment.save").click().run()
     return at
+
+
+def shown_value(element):
+    """What a browser shows for a widget it mounts from the last run's message alone: the value the server
+    sent when it asked the browser to take it (``set_value``), else the widget's own default (a toggle off,
+    a slider at its minimum), which the browser then sends back with the next interaction."""
+    proto = element.proto
+    value = proto.value if proto.set_value else proto.default
+    return value[0] if hasattr(value, "__len__") and not isinstance(value, str) and len(value) == 1 else value
+
+
+def rerun_unmounted(at, widgets: Sequence):
+    """Run again as a browser that has not mounted ``widgets`` (elements of the last run) yet: their values
+    are left out of the widget states it sends, as happens when a second run follows at once (the canvas
+    reports its first value right after a page is entered) and the browser drew only the second run's
+    elements."""
+    skipped = {w.id for w in widgets}
+    states = at._tree.get_widget_states()
+    kept = [w for w in states.widgets if w.id not in skipped]
+    del states.widgets[:]
+    states.widgets.extend(kept)
+    return at._tree._runner._run(states, timeout=at.default_timeout)

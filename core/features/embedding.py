@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
+from core.errors import StackError
 from core.features.embedding_cache import CacheKey, EmbeddingCache, file_signature
 from core.pixels import feature_statistics, filter_features
 from core.preprocess import PreprocessConfig, normalized_slice, pooled_intensity_range, prepare_slice
@@ -34,6 +35,8 @@ STACK_RANGE_SLICES = 16
 PIXEL_STATS_SLICES = 8
 #: Default bound of a SliceEmbedder's in-memory memo of recent embeddings, in bytes.
 MEMO_BYTES = 256 << 20
+#: Smallest slice side (pixels) the embedder accepts (see check_slice_size).
+MIN_SLICE_SIDE = 16
 
 
 def stack_intensity_range(
@@ -50,6 +53,35 @@ def stack_intensity_range(
     z_values = np.unique(np.linspace(0, n_slices - 1, count).round().astype(int))
     slices = [stack.read_slice(int(z), channel, timepoint=timepoint) for z in z_values]
     return pooled_intensity_range(slices, percentiles)
+
+
+def _holds_more_than(plane: np.ndarray) -> bool:
+    """Whether ``plane`` is a view that keeps a larger (or unknown) buffer alive.
+
+    The owner may be another array (a z-chunk of an .ims read), ``bytes`` (PIL images through
+    ``np.asarray``), a memoryview or an mmap: anything with the buffer protocol is measured by it.
+    """
+    owner = plane.base
+    if owner is None:
+        return False
+    try:
+        owner_bytes = owner.nbytes if isinstance(owner, np.ndarray) else memoryview(owner).nbytes
+    except TypeError:  # an owner that exposes no buffer: copy, to be safe
+        return True
+    return owner_bytes > plane.nbytes
+
+
+def check_slice_size(shape: Sequence[int], name: str = "the stack") -> None:
+    """Refuse slices too small to segment: (Y, X) below MIN_SLICE_SIDE pixels on either side.
+
+    A patch grid needs a few patches of image content; a 1 x 1 or 5 x 300 image has none to click on,
+    and upscaling it to the backbone's input size would only make up pixels. Raises StackError.
+    """
+    height, width = int(shape[-2]), int(shape[-1])
+    if min(height, width) < MIN_SLICE_SIDE:
+        raise StackError(
+            f"{name} has slices of {height} x {width} px (Y x X); Protoscope needs at least "
+            f"{MIN_SLICE_SIDE} x {MIN_SLICE_SIDE} px to segment; open a larger image or stack")
 
 
 class SliceEmbedder:
@@ -77,6 +109,7 @@ class SliceEmbedder:
     ) -> None:
         if memo_bytes < 0:
             raise ValueError(f"memo_bytes must be >= 0 bytes, got {memo_bytes}")
+        check_slice_size(stack.shape, f"'{stack.name}'")
         self.stack = stack
         self.channel = stack.resolve_channel(channel)
         self.backbone = backbone
@@ -160,7 +193,7 @@ class SliceEmbedder:
         return PlannedReads(self, order)
 
     def _remember_raw(self, z: int, plane: np.ndarray) -> None:
-        if plane.base is not None and plane.base.nbytes > plane.nbytes:
+        if _holds_more_than(plane):
             plane = plane.copy()  # a view into a read block would keep the whole block alive
         plane.flags.writeable = False  # shared between callers: nobody may change it in place
         with self._raw_memo_lock:
