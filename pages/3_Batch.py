@@ -11,7 +11,7 @@ from core.errors import ProtoscopeError
 from core.prototypes import load_prototype
 from core.thresholds import ThresholdSpec
 from core.zspec import parse_z_spec
-from core.io.channels import default_image_channel_by_name
+from core.io.channels import default_image_channel
 from ui import batch, home, layout, resources, segment, settings, state
 
 SOURCES = ("current", "saved", "upload")
@@ -63,7 +63,7 @@ def choose_target(ctx: resources.Context, prototype):
                                   f"{settings.data_root()}")
         path = settings.resolve_in_root(text)
         stack = resources.open_cached_stack(path)
-        default = batch.target_channel_default(stack, prototype, default_image_channel_by_name(stack))
+        default = batch.target_channel_default(stack, prototype, default_image_channel(stack))
         chosen_for = (str(path), batch.source_channel_name(prototype))
         if state.get("batch.other_channel_for") != chosen_for:  # a new stack or prototype: start from the default
             state.put("batch.other_channel_for", chosen_for)

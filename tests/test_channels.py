@@ -14,11 +14,12 @@ from core.config import PipelineConfig
 from core.errors import StackError
 from core.features.backbones import load_backbone
 from core.features.embedding import MIN_SLICE_SIDE, SliceEmbedder
-from core.io import default_image_channel, open_stack
+from core.io import open_stack
+from core.io.base import lab_convention_channel
 from core.io.channels import (
     PROTOSCOPE_MASK_NAME,
     channel_label,
-    default_image_channel_by_name,
+    default_image_channel,
     guess_truth_channel,
     is_protoscope_mask,
     is_test_pattern,
@@ -99,21 +100,21 @@ def _ims(path: Path, names: list[str]) -> Path:
     (["Ramp", "Mask"], 0),  # nothing better than the ramp: at least no mask
     (["Mask"], 0),
 ])
-def test_default_image_channel_by_name_on_ims(tmp_path, names, expected):
+def test_default_image_channel_on_ims(tmp_path, names, expected):
     with open_stack(_ims(tmp_path / "s.ims", names)) as stack:
         assert stack.channel_names == names
-        assert default_image_channel_by_name(stack) == expected
+        assert default_image_channel(stack) == expected
 
 
-def test_default_image_channel_by_name_on_tiff(tmp_path):
+def test_default_image_channel_on_tiff(tmp_path):
     import tifffile
 
     path = tmp_path / "s.ome.tif"
     tifffile.imwrite(path, np.zeros((2, 3, 16, 16), np.uint8), metadata={
         "axes": "ZCYX", "Channel": {"Name": ["Ground truth", "Vessels", "Protoscope mask"]}})
     with open_stack(path) as stack:
-        assert default_image_channel(stack) == 0  # the plain rule picks the truth
-        assert default_image_channel_by_name(stack) == 1
+        assert lab_convention_channel(stack) == 0  # the plain rule picks the truth
+        assert default_image_channel(stack) == 1
         assert guess_truth_channel(stack.channel_names) == 0
         assert channel_label(stack, 2) == "2 · Protoscope mask"
 
@@ -121,11 +122,11 @@ def test_default_image_channel_by_name_on_tiff(tmp_path):
 def test_real_imaris_files(shared_data, tmp_path):
     folder = shared_data / "ims"
     with open_stack(folder / "imariswriter_sample.ims") as stack:  # Nuclei, Ramp x+2y+50z, Mask
-        assert default_image_channel(stack) == 1  # the old rule: the ramp
-        assert default_image_channel_by_name(stack) == 0
+        assert lab_convention_channel(stack) == 1  # the old rule: the ramp
+        assert default_image_channel(stack) == 0
         assert guess_truth_channel(stack.channel_names) == 2
     with open_stack(folder / "zarrnii_tests_PtK2Cell.ims") as stack:  # Kinetochores, Microtubules, DNA, Dynactin
-        assert default_image_channel_by_name(stack) == default_image_channel(stack) == 2
+        assert default_image_channel(stack) == lab_convention_channel(stack) == 2
         assert guess_truth_channel(stack.channel_names) is None
         assert channel_label(stack, 3) == "3 · Dynactin"
         assert matching_channel(stack, "dna") == 2
@@ -137,8 +138,8 @@ def test_real_imaris_files(shared_data, tmp_path):
     copy = write_masks(masks, tmp_path / "cell_masks.ims", source_ims=source)
     with open_stack(copy) as stack:
         assert stack.channel_names[-1] == PROTOSCOPE_MASK_NAME and stack.shape[1] == 5
-        assert default_image_channel(stack) == 3  # the old rule: Dynactin, the source's last channel
-        assert default_image_channel_by_name(stack) == 2
+        assert lab_convention_channel(stack) == 3  # the old rule: Dynactin, the source's last channel
+        assert default_image_channel(stack) == 2
         assert guess_truth_channel(stack.channel_names) is None
 
 

@@ -10,7 +10,7 @@ from core.demo import ensure_demo
 from core.errors import ProtoscopeError, StackError
 from core.features.embedding import check_slice_size
 from core.io import Stack
-from core.io.channels import channel_label, default_image_channel_by_name, guess_truth_channel
+from core.io.channels import channel_label, default_image_channel, guess_truth_channel
 from core.thresholds import ThresholdSpec
 from ui import resources, settings, state
 from ui.state import Sample, Truth
@@ -32,7 +32,7 @@ def open_sample(path: str | Path, origin: str, name: str | None = None) -> Sampl
     check_slice_size(stack.shape, f"'{stack.name}'")  # a 1 x 1 image fails here, not minutes later
     sample = Sample(str(path), origin, name or path.name)
     state.put("home.sample", sample)
-    channel = 0 if origin == "demo" else default_image_channel_by_name(stack)
+    channel = 0 if origin == "demo" else default_image_channel(stack)
     state.set_bound("home.channel", channel)
     truth_channel = guess_truth_channel(stack.channel_names, image_channel=channel)
     truth = Truth(channel=truth_channel) if truth_channel is not None else None

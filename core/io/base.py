@@ -34,7 +34,7 @@ __all__ = [
     "bool_to_uint8",
     "natural_sort_key",
     "stack_label",
-    "default_image_channel",
+    "lab_convention_channel",
     "SUPPORTED_SUFFIXES",
     "IMS_SUFFIXES",
     "TIFF_SUFFIXES",
@@ -384,14 +384,9 @@ def stack_label(path: str | Path) -> str:
     return Path(name).stem
 
 
-def default_image_channel(stack: Stack, requested: int | None = None) -> int:
-    """The channel to segment: ``requested`` when given (negatives count from the end), else the lab
-    convention: the penultimate channel of a multi-channel ``.ims`` (the last holds the expert mask), else 0.
-
-    Raises StackError when ``requested`` is outside the stack's channels.
-    """
-    if requested is not None:
-        return stack.resolve_channel(requested)
+def lab_convention_channel(stack: Stack) -> int:
+    """The lab convention by position: the penultimate channel of a multi-channel ``.ims`` (the last holds the
+    expert mask), else 0. ``core.io.channels.default_image_channel`` refines it by the channels' names."""
     if stack.format == "ims" and stack.shape[1] >= 2:
         return stack.shape[1] - 2
     return 0

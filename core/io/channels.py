@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from core.io.base import Stack, default_image_channel
+from core.io.base import Stack, lab_convention_channel
 
 #: Name of the mask channel core.io.writers.write_masks appends to an Imaris copy (its ``channel_name``).
 PROTOSCOPE_MASK_NAME = "Protoscope mask"
@@ -95,19 +95,23 @@ def guess_truth_channel(names: Sequence[str], *, image_channel: int | None = Non
     return min(ranked)[1] if ranked else None
 
 
-def default_image_channel_by_name(stack: Stack) -> int:
-    """The channel to segment by default: core.io.default_image_channel's rule, refined by names.
+def default_image_channel(stack: Stack, requested: int | None = None) -> int:
+    """The channel to segment (the one rule of the app and the CLI): ``requested`` when given (negatives count
+    from the end; StackError outside the stack), else the lab convention by position
+    (``core.io.base.lab_convention_channel``) refined by the channels' names.
 
     The app's own appended mask channels at the end are set aside first (so a reopened ``.ims`` copy
     defaults like its source). The rule's channel is kept unless it is named like a ground truth or
     Protoscope's mask, or like a test pattern ('Ramp'); then the nearest channel named like neither
     (the lower one on a tie), else the nearest that is at least no truth or mask, else the rule's channel.
     """
+    if requested is not None:
+        return stack.resolve_channel(requested)
     names = _names(stack)
     n = len(names)
     while n > 1 and is_protoscope_mask(names[n - 1]):
         n -= 1
-    base = min(default_image_channel(stack), n - 1)
+    base = min(lab_convention_channel(stack), n - 1)
     if stack.format == "ims" and n != len(names):  # the lab rule (second to last) on the source's channels
         base = n - 2 if n >= 2 else 0
 
