@@ -284,6 +284,18 @@ def build_scorer(
 ) -> Scorer:
     """Like ``build_prototype``, but returns the ready Scorer (its ``.prototype`` is the new prototype), so
     that the pixel classifier fitted for calibration is not fitted again."""
+    _check_points(embedder, points, config)
+    embeddings = {z: embedder.embed(z) for z in points.slices}
+    positive, negative = collect_examples(points, embeddings.__getitem__, embedder.slice_shape)
+    prototype = _points_prototype(embedder, points, config, positive, negative, seed)
+    point_features = None
+    if config.uses_pixels:
+        prototype, point_features = _with_pixel_examples(embedder, prototype, embeddings, seed=seed)
+    return _calibrated(embedder, prototype, point_features)
+
+
+def _check_points(embedder: "SliceEmbedder", points: PointSet, config: PipelineConfig) -> None:
+    """PrototypeError unless the points can make a prototype on this stack under ``config``."""
     if len(points.positive) == 0:
         raise PrototypeError("at least one positive point is needed to build prototypes")
     for z in points.slices:
@@ -291,9 +303,13 @@ def build_scorer(
             raise PrototypeError(f"a point lies on slice z={z}, but the stack has slices 0-{embedder.n_slices - 1}")
     if config.uses_pixels and len(points.negative) == 0:
         raise PrototypeError("the pixel classifier of best mode needs negative points too; click some background")
-    embeddings = {z: embedder.embed(z) for z in points.slices}
-    positive, negative = collect_examples(points, embeddings.__getitem__, embedder.slice_shape)
-    prototype = Prototype(
+
+
+def _points_prototype(embedder: "SliceEmbedder", points: PointSet, config: PipelineConfig, positive: np.ndarray,
+                      negative: np.ndarray, seed: int) -> Prototype:
+    """A prototype of ``points`` on the embedder's stack with these (N, D) unit patch examples (no pixel examples,
+    no calibrated threshold yet)."""
+    return Prototype(
         positive_references=build_references(positive, config, seed),
         negative_references=build_references(negative, config, seed),
         positive_examples=positive,
@@ -310,11 +326,12 @@ def build_scorer(
         created=now_iso(),
         backbone_label=embedder.backbone.label(),
     )
-    point_features = None
-    if config.uses_pixels:
-        prototype, point_features = _with_pixel_examples(embedder, prototype, embeddings, seed=seed)
+
+
+def _calibrated(embedder: "SliceEmbedder", prototype: Prototype, point_features: "PointFeatures | None") -> Scorer:
+    """The Scorer of ``prototype``, its threshold calibrated on the prototype's points when there are negatives."""
     scorer = Scorer(prototype)
-    if len(negative):
+    if len(prototype.points.negative):
         calibrated = calibrate_on_points(embedder, prototype, scorer, point_features=point_features)
         # The calibrated threshold does not change the fitted classifier: keep it.
         scorer.prototype = dataclasses.replace(prototype, calibrated_threshold=calibrated)
@@ -325,14 +342,19 @@ PointFeatures = dict[int, tuple[np.ndarray, np.ndarray]]  # z -> (positive, nega
 
 
 def _with_pixel_examples(
-    embedder: "SliceEmbedder", prototype: Prototype, embeddings: dict[int, np.ndarray], *, seed: int = 0
+    embedder: "SliceEmbedder", prototype: Prototype, embeddings: dict[int, np.ndarray], *, seed: int = 0,
+    fit_basis: bool = True,
 ) -> tuple[Prototype, PointFeatures]:
     """The prototype with its pixel examples (clicked pixels and their neighbours; at most
     MAX_PIXEL_EXAMPLES per class, a seeded subsample beyond), and the features at the clicked pixels
-    themselves, which calibration scores (so it need not compute the maps again)."""
+    themselves, which calibration scores (so it need not compute the maps again).
+
+    fit_basis : fit the patch-embedding PCA basis on these slices (False: keep the prototype's, as an
+        adapted prototype must, so that its examples and the base's live in one feature space).
+    """
 
     config = prototype.config
-    if _uses_patch_components(embedder, config):
+    if fit_basis and _uses_patch_components(embedder, config):
         basis, mean = fit_projection(np.concatenate([e.reshape(-1, e.shape[-1]) for e in embeddings.values()]), config.patch_components)
         prototype = dataclasses.replace(prototype, pixel_projection=basis, pixel_projection_mean=mean)
     positive: list[np.ndarray] = []
@@ -398,6 +420,142 @@ def calibrate_on_points(
         positive_scores.append(scores_at_points(score_map, pos_xy, embedder.slice_shape))
         negative_scores.append(scores_at_points(score_map, neg_xy, embedder.slice_shape))
     return calibrate_threshold(np.concatenate(positive_scores), np.concatenate(negative_scores))
+
+
+# ---- quick adapt: a saved prototype and a few clicks on another stack -------------------------------------
+
+
+@dataclass(frozen=True)
+class AdaptedPrototype(Prototype):
+    """A Prototype that records its lineage: where its examples came from, oldest first, each entry a dict
+    {source_file, channel, positive, negative, created} (``lineage_entry``); saved in the file's metadata JSON.
+
+    Interim: once ``core.prototypes.Prototype`` has the field ``lineage: tuple[dict, ...] = ()`` (written to and
+    read from the metadata JSON), ``AdaptedPrototype = Prototype`` replaces this class.
+    """
+
+    lineage: tuple[dict, ...] = ()
+
+    def metadata(self) -> dict:
+        return {**super().metadata(), "lineage": [dict(entry) for entry in self.lineage]}
+
+
+def lineage_entry(source_file: str, channel: int | None, points: PointSet, created: str = "") -> dict:
+    """One lineage entry: the points of one stack a prototype's examples came from (counts, not coordinates)."""
+    return {"source_file": str(source_file), "channel": channel, "positive": int(len(points.positive)),
+            "negative": int(len(points.negative)), "created": created}
+
+
+def prototype_lineage(prototype: Prototype) -> tuple[dict, ...]:
+    """Where ``prototype``'s examples came from, oldest first (see ``AdaptedPrototype``).
+
+    A prototype without a recorded lineage is its own points on its source file; when it holds more patch examples
+    than points (an adapted prototype read back from a file that lost its lineage), the surplus is one entry of
+    unknown source ('').
+    """
+    recorded = tuple(getattr(prototype, "lineage", ()) or ())
+    if recorded:
+        return recorded
+    own = lineage_entry(prototype.source_file, prototype.channel, prototype.points, prototype.created)
+    extra_positive = len(prototype.positive_examples) - own["positive"]
+    extra_negative = len(prototype.negative_examples) - own["negative"]
+    if extra_positive > 0 or extra_negative > 0:
+        inherited = {"source_file": "", "channel": None, "positive": max(extra_positive, 0),
+                     "negative": max(extra_negative, 0), "created": ""}
+        return inherited, own
+    return (own,)
+
+
+def check_adaptable(base: Prototype, embedder: "SliceEmbedder", config: PipelineConfig) -> None:
+    """PrototypeError unless new examples from ``embedder``'s stack can join ``base``'s: the same backbone, weights
+    and embedding dimension, and the same mode (``config.mode``); best mode needs the base's pixel examples."""
+    backbone = embedder.backbone
+    name = backbone.spec.name
+    if base.backbone != name:
+        raise PrototypeError(f"the base prototype was made with backbone {base.backbone!r} but {name!r} is selected; "
+                             f"select {base.backbone!r} to adapt it, or start a new prototype")
+    if base.embed_dim != int(backbone.embed_dim):
+        raise PrototypeError(f"the base prototype holds {base.embed_dim}-dimensional embeddings but {name!r} gives "
+                             f"{backbone.embed_dim}; select the backbone that made it, or start a new prototype")
+    if base.weights_id and backbone.weights_id and base.weights_id != backbone.weights_id:
+        raise PrototypeError(f"the base prototype was made with other weights of {name!r} ({base.weights_id}, now "
+                             f"{backbone.weights_id}); its examples and new ones would not compare")
+    if base.config.mode is not config.mode:
+        raise PrototypeError(f"the base prototype was made in {base.config.mode.value} mode but "
+                             f"{config.mode.value} mode is selected; switch to {base.config.mode.value} mode to "
+                             "adapt it, or start a new prototype")
+    if config.uses_pixels and (base.pixel_positive_examples is None or base.pixel_negative_examples is None):
+        raise PrototypeError("the base prototype has no pixel examples (it was made without the pixel classifier); "
+                             "adapt it with pixel_classifier=none, or start a new prototype")
+
+
+def adapt_prototype(
+    base: Prototype,
+    embedder: "SliceEmbedder",
+    new_points: PointSet,
+    config: PipelineConfig | None = None,
+    *,
+    seed: int = 0,
+) -> Prototype:
+    """``base`` with the examples of ``new_points`` clicked on ``embedder``'s stack added (quick adapt).
+
+    Keeps the base's patch examples (and best mode's pixel examples, in the base's feature space: its PCA basis of
+    patch embeddings is kept) and adds the new points' examples; the references are rebuilt from all of them, the
+    threshold is calibrated on the new points only, and the lineage (``prototype_lineage``) is the base's followed
+    by this stack's points. ``.points`` are the new points (coordinates of this stack); the source file, channel and
+    intensity range are this stack's.
+
+    config : the configuration to adapt under (default: the base's); its mode must be the base's.
+    Raises PrototypeError for a base of another backbone, weights, embedding dimension or mode, and for points
+    that cannot make a prototype (no positive point; best mode without a negative point on this stack).
+    """
+    return adapt_scorer(base, embedder, new_points, config, seed=seed).prototype
+
+
+def adapt_scorer(
+    base: Prototype,
+    embedder: "SliceEmbedder",
+    new_points: PointSet,
+    config: PipelineConfig | None = None,
+    *,
+    seed: int = 0,
+) -> Scorer:
+    """Like ``adapt_prototype``, but returns the ready Scorer (its ``.prototype`` is the adapted prototype)."""
+    config = config or base.config
+    check_adaptable(base, embedder, config)
+    _check_points(embedder, new_points, config)
+    embeddings = {z: embedder.embed(z) for z in new_points.slices}
+    positive, negative = collect_examples(new_points, embeddings.__getitem__, embedder.slice_shape)
+    positive = np.concatenate([base.positive_examples, positive.reshape(-1, base.embed_dim)]).astype(np.float32)
+    negative = np.concatenate([base.negative_examples, negative.reshape(-1, base.embed_dim)]).astype(np.float32)
+    prototype = dataclasses.replace(_points_prototype(embedder, new_points, config, positive, negative, seed),
+                                    pixel_projection=base.pixel_projection,
+                                    pixel_projection_mean=base.pixel_projection_mean)
+    point_features = None
+    if config.uses_pixels:
+        prototype, point_features = _with_pixel_examples(embedder, prototype, embeddings, seed=seed, fit_basis=False)
+        prototype = _with_base_pixels(prototype, base, np.random.default_rng(seed))
+    lineage = prototype_lineage(base) + (lineage_entry(prototype.source_file, prototype.channel, new_points,
+                                                       prototype.created),)
+    adapted = AdaptedPrototype(**{f.name: getattr(prototype, f.name) for f in dataclasses.fields(Prototype)},
+                               lineage=lineage)
+    return _calibrated(embedder, adapted, point_features)
+
+
+def _with_base_pixels(prototype: Prototype, base: Prototype, rng: np.random.Generator) -> Prototype:
+    """``prototype``'s new pixel examples after the base's: all new ones (at most MAX_PIXEL_EXAMPLES per class), and
+    of the base's as many as leave the class at most MAX_PIXEL_EXAMPLES, but never fewer than half of that (a
+    seeded subsample), so that a few clicks here are not drowned and the base is not forgotten."""
+    merged = {}
+    for key in ("pixel_positive_examples", "pixel_negative_examples"):
+        new, old = getattr(prototype, key), getattr(base, key)
+        if new.shape[1] != old.shape[1]:
+            raise PrototypeError(f"the base prototype's pixel features have {old.shape[1]} values but this stack's "
+                                 f"have {new.shape[1]}; adapt it with the pixel options it was made with "
+                                 f"({base.config.describe()})")
+        quota = max(MAX_PIXEL_EXAMPLES // 2, MAX_PIXEL_EXAMPLES - len(new))
+        merged[key] = np.concatenate([_at_most(old, quota, rng), new]).astype(np.float32)
+    return dataclasses.replace(prototype, **merged)
 
 
 def segment_slice(

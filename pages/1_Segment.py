@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from core.io import stack_label
-from ui import canvas, layout, render, resources, segment, state
+from ui import canvas, layout, render, resources, segment, state, views
 
 
 def page() -> None:
@@ -42,6 +42,8 @@ def page() -> None:
         fresh = st.session_state.pop("segment.pixel_fresh", False)
         st.caption(f"{segment.timing_caption(view, ctx.config, fresh)} · heatmap: inferno, bright = similar to the "
                    "positives · mask outline in cyan")
+        if view.base is not None:
+            st.caption(segment.base_caption(view.base))
         b1, b2, b3 = st.columns(3)
         b1.button("Undo last point", key="segment.undo", on_click=state.undo_point, args=(ctx.sid, z),
                   width="stretch")
@@ -55,8 +57,9 @@ def page() -> None:
         segment.show_threshold_in_effect(view, ctx.slice_shape)
         threshold_controls(view)
         mask_summary(ctx, view, z)
-        points_summary(ctx)
+        points_summary(ctx, view.base)
         prototype_controls(ctx, view, spec)
+    views.orthogonal_panel(ctx, z, slice_mask=view.segmentation.mask if view.segmentation is not None else None)
     if view.pending:
         finish_pixel_result(ctx, z, spec, options, pending_slot)
 
@@ -108,8 +111,14 @@ def mask_summary(ctx: resources.Context, view: segment.View, z: int) -> None:
                        key="segment.download_mask", on_click="ignore")
 
 
-def points_summary(ctx: resources.Context) -> None:
+def points_summary(ctx: resources.Context, base: segment.Base | None) -> None:
     rows = state.point_summary(ctx.sid)
+    if base is not None:
+        origins = segment.origin_rows(ctx, base, state.point_set(ctx.sid))
+        here = origins[0]["positive"] + origins[0]["negative"]
+        inherited = sum(r["positive"] + r["negative"] for r in origins[1:])
+        st.markdown(f"**Examples** from this stack: {here}, inherited: {inherited}")
+        st.dataframe(origins, hide_index=True)
     if rows:
         total_p = sum(r["positive"] for r in rows)
         total_n = sum(r["negative"] for r in rows)
@@ -119,13 +128,15 @@ def points_summary(ctx: resources.Context) -> None:
 
 def prototype_controls(ctx: resources.Context, view: segment.View, spec) -> None:
     st.markdown("**Prototypes**")
+    segment.base_picker()
     saved_list = state.get("segment.prototypes")
     left, right = st.columns([3, 2], vertical_alignment="bottom")
     default_name = f"prototype-{len(saved_list) + 1}"
     name = left.text_input("Name", placeholder=default_name, key="segment.proto_name")
     if right.button("Save prototypes", key="segment.save", disabled=view.prototype is None, type="primary"):
         saved = segment.save_prototype(ctx, view, spec, name or default_name)
-        st.success(f"Saved '{saved.name}' ({saved.prototype.summary()[:90]}…)")
+        lineage = segment.lineage_text(saved.prototype)
+        st.success(f"Saved '{saved.name}' ({saved.prototype.summary()[:90]}…)" + (f" · examples from {lineage}" if lineage else ""))
     for index, saved in enumerate(saved_list):
         st.download_button(f"Download {saved.name}.npz", data=saved.data, file_name=f"{saved.name}.npz",
                            mime="application/octet-stream", key=f"segment.download_proto.{index}", on_click="ignore")

@@ -75,13 +75,51 @@ def page() -> None:
                 "Open sample page (the synthetic demo's is channel 1).")
         layout.page_link("home", "Open sample", icon=":material/folder_open:")
         return
-    st.caption(f"The thesis protocol: points are sampled from the ground truth ({ctx.truth.describe(ctx.stack.channel_names)}), "
-               "prototypes built from them, and the masks scored with Dice, IoU and HD95 on evenly spaced slices or "
-               "on the slices you choose.")
-    layout.run_page(lambda: controls(ctx))
-    result = state.get("evaluate.result")
-    if result is not None:
-        show(result)
+    protocol, mine = st.tabs(["Thesis protocol", "Score my prototype"])
+    with protocol:
+        st.caption(f"The thesis protocol: points are sampled from the ground truth "
+                   f"({ctx.truth.describe(ctx.stack.channel_names)}), prototypes built from them, and the masks scored "
+                   "with Dice, IoU and HD95 on evenly spaced slices or on the slices you choose.")
+        layout.run_page(lambda: controls(ctx))
+        result = state.get("evaluate.result")
+        if result is not None:
+            show(result)
+    with mine:
+        st.caption(f"Your own prototype's masks against the ground truth ({ctx.truth.describe(ctx.stack.channel_names)}), "
+                   "slice by slice: Dice, IoU and HD95, no points sampled.")
+        layout.run_page(lambda: score_mine(ctx))
+
+
+def score_mine(ctx: resources.Context) -> None:
+    """Score my prototype: which prototype, which slices, Run; the table and the mean."""
+    choices = evaluate.prototype_choices(ctx)
+    if not choices:
+        st.info("No prototype yet: click points on the Segment page (or save a prototype there) to score it here.")
+        layout.page_link("segment", "Segment", icon=":material/ads_click:")
+        return
+    if state.get("evaluate.mine_choice") not in choices:
+        state.set_bound("evaluate.mine_choice", choices[0])
+    choice = st.selectbox("Prototype", choices, format_func=evaluate.choice_label,
+                          **state.widget("evaluate.mine_choice", choices[0]))
+    text = st.text_input("Slices to score (e.g. 12, 3,7,9, 0:24:4, all)",
+                         **state.widget("evaluate.mine_z", evaluate.default_score_slices(ctx.n_slices)))
+    z_values = evaluate.parse_slices(text, ctx.n_slices)
+    st.caption(f"{len(z_values)} slice(s): {evaluate.short_list(z_values)}")
+    if st.button("Score the prototype", type="primary", key="evaluate.mine_run"):
+        with st.spinner(f"Scoring on {len(z_values)} slice(s)…", show_time=True):
+            state.put("evaluate.mine_result", evaluate.score_mine(ctx, choice, z_values))
+    result = state.get("evaluate.mine_result")
+    if result is None:
+        return
+    for note in result.notes:
+        st.caption(f"Note: {note}")
+    rows = evaluate.mine_table(result)
+    if rows:
+        mean = rows[-1]
+        st.markdown(f"**{result.rows[0]['method']}** on {result.stacks[0]}, {len(result.rows)} slice(s): mean Dice "
+                    f"{mean['dice']:.3f}, "
+                    f"IoU {mean['iou']:.3f}, HD95 {mean['hd95_px']:.1f} px")
+    st.dataframe(rows, hide_index=True)
 
 
 layout.run_page(page)

@@ -9,6 +9,7 @@ import pytest
 from core.features.backbones import load_backbone
 from core.config import PipelineConfig
 from core.features.embedding_cache import EmbeddingCache
+from core.metrics import segmentation_scores
 from core.protocol import EvalStack, Method, ProtocolSettings, evaluate
 from ui import testing
 
@@ -90,3 +91,45 @@ def test_no_method_is_a_short_error(app):
     app.button(key="evaluate.run").click().run()
     assert [e.value for e in app.error] == ["choose at least one method to evaluate"]
     assert not app.exception
+
+
+def test_score_my_prototype_gives_core_metrics_of_the_segment_pages_masks(app):
+    """Issue 11, point 7: Evaluate could not score the user's own prototype. The current prototype's row for slice
+    12 is core.metrics of the very mask the Segment page shows on slice 12; a saved one scores as saved."""
+    testing.set_mode(app, "thesis")
+    testing.goto(app, "evaluate")
+    assert any("No prototype yet" in i.value for i in app.info)
+    testing.goto(app, "segment")
+    positive, negative = testing.seed_points(testing.demo_truth(12))
+    testing.click(app, positive, "positive")
+    testing.click(app, negative, "negative")
+    segment_mask = app.session_state["segment.view"].segmentation.mask
+    app.button(key="segment.save").click().run()
+    app.slider(key="_w.segment.th_top").set_value(20.0).run()  # the current prototype now cuts at 20 %
+    current_mask = app.session_state["segment.view"].segmentation.mask
+    testing.goto(app, "evaluate")
+    assert app.selectbox(key="_w.evaluate.mine_choice").options == [
+        "the current prototype (Segment page, its threshold now)", "saved: prototype-1"]
+    assert app.text_input(key="_w.evaluate.mine_z").value == "2, 7, 12, 16, 21"
+    app.text_input(key="_w.evaluate.mine_z").input("12, 5").run()
+    app.button(key="evaluate.mine_run").click().run(timeout=300)
+    assert not app.exception and not app.error
+    result = app.session_state["evaluate.mine_result"]
+    assert [(r["method"], r["setting"], r["z"]) for r in result.rows] == [("current", "prototype", 5),
+                                                                        ("current", "prototype", 12)]
+    expected = segmentation_scores(current_mask, testing.demo_truth(12), pixel_size_um=(0.8, 0.8))
+    row = result.rows[1]
+    assert (row["dice"], row["iou"], row["hd95_px"], row["hd95_um"]) == (
+        expected.dice, expected.iou, expected.hd95_px, expected.hd95_um)
+    assert row["mask_fraction"] == pytest.approx(0.20, abs=0.01)  # top 20 % of the patches
+    table = app.dataframe[0].value
+    assert list(table["z"]) == ["5", "12", "mean"]
+    assert table["dice"].iloc[2] == pytest.approx(round((result.rows[0]["dice"] + row["dice"]) / 2, 3))
+    assert any(m.value.startswith("**current** on synthetic_vessels, 2 slice(s): mean Dice ") for m in app.markdown)
+    # the saved prototype keeps the threshold it was saved with (top 10 %)
+    app.selectbox(key="_w.evaluate.mine_choice").set_value("prototype-1").run()
+    app.button(key="evaluate.mine_run").click().run(timeout=300)
+    saved_row = app.session_state["evaluate.mine_result"].rows[1]
+    assert saved_row["method"] == "prototype-1"
+    assert saved_row["dice"] == segmentation_scores(segment_mask, testing.demo_truth(12)).dice
+    assert saved_row["mask_fraction"] == pytest.approx(0.10, abs=0.01)

@@ -4,14 +4,19 @@ undo/clear, points on several slices, saved prototypes, and the state kept acros
 
 from __future__ import annotations
 
+import io
+import json
+
 import numpy as np
 import pytest
+import tifffile
 
 from core.config import PipelineConfig
+from core.demo import make_demo
 from core.features.embedding import SliceEmbedder
 from core.features.embedding_cache import EmbeddingCache
 from core.io import open_stack
-from core.pipeline import Scorer, build_prototype
+from core.pipeline import Scorer, adapt_prototype, build_prototype, prototype_lineage
 from core.prototypes import PointSet, load_prototype
 from core.thresholds import ThresholdSpec, otsu_value
 from ui import canvas, testing
@@ -287,3 +292,104 @@ def test_a_png_image_is_segmented(tmp_path_factory, monkeypatch, tmp_path, kind)
     assert not at.exception and not at.error
     mask = at.session_state["segment.view"].segmentation.mask
     assert mask.shape == (64, 80) and mask[32, 24] and not mask[8, 70] and not mask[56, 70]
+
+
+# ---- quick adapt: a saved prototype, a few clicks on another stack -------------------------------------------
+
+B_SHAPE = (4, 128, 128)
+B_Z = 2  # the page opens on slice 4 // 2
+
+
+def open_second_stack(at, tmp_path):
+    """Upload a second synthetic stack ('other.tif', one channel, inverted contrast: dark tubes on bright) and
+    return its (Z, Y, X) bool ground truth."""
+    image, truth = make_demo(B_SHAPE, seed=2)
+    inverted = (65535 - image.astype(np.int64) * 8).clip(0, 65535).astype(np.uint16)
+    path = tmp_path / "other.tif"
+    tifffile.imwrite(path, inverted, imagej=True, metadata={"axes": "ZYX"})
+    at.switch_page("app.py").run()
+    at.radio(key="_w.home.source").set_value("Upload a small file").run()
+    at.file_uploader(key="home.upload").upload(path.name, path.read_bytes(), "image/tiff").run()
+    at.button(key="home.open_upload").click().run()
+    testing.goto(at, "segment")
+    return truth > 0
+
+
+def test_quick_adapt_adds_this_stacks_clicks_to_a_saved_prototype(app, seeds, tmp_path):
+    click_four(app, seeds)
+    app.text_input(key="segment.proto_name").input("vessels").run()
+    app.button(key="segment.save").click().run()
+    truth_b = open_second_stack(app, tmp_path)
+    assert app.session_state["home.sample"].name == "other.tif"
+    app.selectbox(key="_w.segment.base").set_value("vessels").run()
+    assert not app.exception and not app.error
+    # no clicks here yet: the saved prototype as it is, on this stack
+    view = app.session_state["segment.view"]
+    saved = app.session_state["segment.prototypes"][0]
+    assert view.prototype is saved.prototype and view.segmentation is not None
+    assert "'vessels' as it was saved, on this stack" in view.message
+    assert "Based on 'vessels' (2 + 2 examples from synthetic_vessels); the canvas shows this stack's points only" in [
+        c.value for c in app.caption]
+    assert "**Examples** from this stack: 0, inherited: 4" in [m.value for m in app.markdown]
+    # 1 + 1 clicks on this stack
+    positive, negative = testing.seed_points(truth_b[B_Z])
+    testing.click(app, positive[:1], "positive", slice_shape=B_SHAPE[1:])
+    testing.click(app, negative[:1], "negative", slice_shape=B_SHAPE[1:])
+    assert not app.exception and not app.error
+    view = app.session_state["segment.view"]
+    prototype = view.prototype
+    assert (len(prototype.positive_examples), len(prototype.negative_examples)) == (2 + 1, 2 + 1)
+    assert len(app.session_state["segment.points"][sid(app)][B_Z]) == 2  # the canvas holds this stack's points only
+    drawn = [len(d["objects"]) for k, d in app.session_state["segment.snapshots"].items() if f".{sid(app)}." in k]
+    assert drawn and max(drawn) <= 2  # never the base's points (they lie on the other stack)
+    assert "**Examples** from this stack: 2, inherited: 4" in [m.value for m in app.markdown]
+    origins = app.dataframe[0].value
+    assert list(origins["from"]) == ["this stack (other)", "inherited: synthetic_vessels"]
+    assert list(origins["positive"]) == [1, 2] and list(origins["negative"]) == [1, 2]
+    # the same as core's adapt_prototype on this stack
+    points = PointSet(np.array([[*positive[0], B_Z]]), np.array([[*negative[0], B_Z]]))
+    with open_stack(app.session_state["home.sample"].path) as stack:
+        embedder = SliceEmbedder(stack, 0, load_backbone_filterbank(), PipelineConfig.thesis().preprocess,
+                                 cache=EmbeddingCache())
+        expected = adapt_prototype(saved.prototype, embedder, points, PipelineConfig.thesis())
+        mask = Scorer(expected).segment(embedder, B_Z, threshold=ThresholdSpec("top", 10.0)).mask
+    np.testing.assert_array_equal(view.segmentation.mask, mask)
+    np.testing.assert_allclose(prototype.positive_references, expected.positive_references, rtol=1e-6)
+    # saving keeps both sets of examples and records where they came from
+    app.text_input(key="segment.proto_name").input("vessels-other").run()
+    app.button(key="segment.save").click().run()
+    assert any("examples from synthetic_vessels: 2 + 2, other: 1 + 1" in s.value for s in app.success)
+    adapted = app.session_state["segment.prototypes"][1]
+    assert [(e["positive"], e["negative"]) for e in prototype_lineage(adapted.prototype)] == [(2, 2), (1, 1)]
+    with np.load(io.BytesIO(adapted.data), allow_pickle=False) as archive:
+        lineage = json.loads(str(archive["metadata_json"]))["lineage"]
+    assert [entry["source_file"].rsplit("/", 1)[-1] for entry in lineage] == ["synthetic_vessels.ome.tif", "other.tif"]
+    assert len(load_prototype(adapted.data).positive_examples) == 3
+
+
+def test_an_uploaded_base_of_another_mode_is_refused_with_a_message(app, seeds, tmp_path):
+    click_four(app, seeds)
+    app.button(key="segment.save").click().run()
+    data = app.session_state["segment.prototypes"][0].data
+    open_second_stack(app, tmp_path)
+    app.selectbox(key="_w.segment.base").set_value("\x00upload").run()
+    app.file_uploader(key="segment.base_file").upload("thesis-vessels.npz", data, "application/octet-stream").run()
+    assert not app.exception and not app.error
+    assert any(c.value.startswith("Based on 'thesis-vessels' (2 + 2 examples from synthetic_vessels)") for c in app.caption)
+    app.radio(key="_w.sidebar.mode").set_value("best").run()
+    assert not app.exception and not app.error
+    view = app.session_state["segment.view"]
+    assert view.prototype is None
+    assert ("'thesis-vessels' cannot be adapted here: the base prototype was made in thesis mode but best mode is "
+            "selected; switch to thesis mode to adapt it, or start a new prototype.") in [i.value for i in app.info]
+    app.file_uploader(key="segment.base_file").upload("broken.npz", b"not a zip", "application/octet-stream").run()
+    assert any("broken.npz" in e.value for e in app.error) and not app.exception
+
+
+def test_orthogonal_views_follow_the_slice_with_the_mask_outline(app, seeds):
+    click_four(app, seeds)
+    captions = [c.value for c in app.caption if c.value.startswith("Point x ")]
+    assert len(captions) == 1 and f"z {Z} " in captions[0] and "cyan: mask outline" in captions[0]
+    assert app.get("image")  # the XY · XZ · YZ picture
+    app.slider(key="_w.segment.z").set_value(5).run()
+    assert any(c.value.startswith("Point x ") and "z 5 " in c.value for c in app.caption)

@@ -1,4 +1,6 @@
-"""The Evaluate page's work: the thesis protocol (core.protocol) on the open stack and its ground truth."""
+"""The Evaluate page's work: the thesis protocol (core.protocol) on the open stack and its ground truth, and
+"Score my prototype": the user's own prototype (the Segment page's current one or a saved one) scored slice by
+slice against the same ground truth (core.protocol.score_prototype)."""
 
 from __future__ import annotations
 
@@ -8,9 +10,19 @@ from typing import Callable
 from core.config import PipelineConfig
 from core.errors import ProtoscopeError
 from core.io import stack_label
-from core.protocol import BASELINES, EvalStack, EvaluationResult, Method, ProtocolSettings, evaluate
+from core.prototypes import Prototype
+from core.protocol import (
+    BASELINES,
+    EvalStack,
+    EvaluationResult,
+    Method,
+    ProtocolSettings,
+    evaluate,
+    score_prototype,
+    select_slices,
+)
 from core.zspec import parse_z_spec
-from ui import resources
+from ui import resources, segment, state
 from ui.resources import Context
 
 #: Settings that make sense for one stack (cross-file needs two or more).
@@ -60,6 +72,16 @@ def short_list(values: tuple[int, ...] | list[int], limit: int = 12) -> str:
     return ", ".join(str(v) for v in values[: limit - 1]) + f", …, {values[-1]}"
 
 
+def eval_stack(ctx: Context) -> EvalStack:
+    """The open stack with its ground truth, as core.protocol takes it (ProtoscopeError without a ground truth)."""
+    truth = ctx.truth
+    if truth is None:
+        raise ProtoscopeError("the Evaluate page needs a ground truth: choose a channel or a mask file on the Open "
+                              "sample page")
+    return EvalStack(Path(ctx.sample.path), ctx.channel, mask_channel=truth.channel,
+                     mask_path=Path(truth.path) if truth.path else None, name=stack_label(Path(ctx.sample.path)))
+
+
 def run(
     ctx: Context,
     *,
@@ -77,14 +99,9 @@ def run(
     z_values : exactly these slices (core.protocol's explicit selection); else ``n_slices`` evenly spaced
         ones after skipping ``skip_ends`` at each end.
     """
-    truth = ctx.truth
-    if truth is None:
-        raise ProtoscopeError("the Evaluate page needs a ground truth: choose a channel or a mask file on the Open "
-                              "sample page")
     if not protocol_settings:
         raise ProtoscopeError("choose at least one setting (same-slice, same-file)")
-    stack = EvalStack(Path(ctx.sample.path), ctx.channel, mask_channel=truth.channel,
-                      mask_path=Path(truth.path) if truth.path else None, name=stack_label(Path(ctx.sample.path)))
+    stack = eval_stack(ctx)
     protocol = ProtocolSettings(n_points=int(n_points), seeds=tuple(range(int(n_seeds))), n_slices=int(n_slices),
                                 skip_ends=int(skip_ends), settings=tuple(protocol_settings),
                                 z_values=tuple(int(z) for z in z_values) if z_values is not None else None)
@@ -143,3 +160,63 @@ def hd95_figure(table):
                   markers=True, title="HD95 per slice (pixels)")
     fig.update_layout(height=340, margin=dict(l=10, r=10, t=40, b=10))
     return fig
+
+
+# ---- score my prototype ----------------------------------------------------------------------------------
+
+CURRENT = "\x00current"  # the choice "the Segment page's current prototype" (no saved name can be this)
+
+
+def prototype_choices(ctx: Context) -> list[str]:
+    """The prototypes that can be scored: the Segment page's current one (when its points make one), then every
+    prototype saved in the session."""
+    current = [CURRENT] if not isinstance(segment.prototype_and_scorer(ctx, state.point_set(ctx.sid)), str) else []
+    return current + [saved.name for saved in state.get("segment.prototypes")]
+
+
+def choice_label(choice: str) -> str:
+    return "the current prototype (Segment page, its threshold now)" if choice == CURRENT else f"saved: {choice}"
+
+
+def chosen_prototype(ctx: Context, choice: str) -> tuple[str, Prototype]:
+    """(name, prototype) of a choice: the current one with the Segment page's threshold in effect, or a saved one as
+    saved. ProtoscopeError when it is gone."""
+    if choice == CURRENT:
+        built = segment.prototype_and_scorer(ctx, state.point_set(ctx.sid))
+        if isinstance(built, str):
+            raise ProtoscopeError(f"there is no current prototype: {built} (Segment page)")
+        return "current", segment.with_threshold(built[0], segment.current_spec(ctx))
+    for saved in state.get("segment.prototypes"):
+        if saved.name == choice:
+            return saved.name, saved.prototype
+    raise ProtoscopeError(f"no saved prototype is called {choice!r} any more; choose another")
+
+
+def default_score_slices(n: int) -> str:
+    """The z selection the section starts from: the evaluate page's evenly spaced default, e.g. '2, 7, 12, 16, 21'."""
+    count, _, skip = spaced_defaults(n)
+    return ", ".join(str(z) for z in select_slices(n, count, skip)[0])
+
+
+def score_mine(ctx: Context, choice: str, z_values: tuple[int, ...]) -> EvaluationResult:
+    """Dice, IoU and HD95 per slice of the chosen prototype's masks against the open stack's ground truth."""
+    name, prototype = chosen_prototype(ctx, choice)
+    return score_prototype(prototype, eval_stack(ctx), z_values, backbone=ctx.backbone,
+                           cache=resources.embedding_cache(), name=name)
+
+
+def mine_table(result: EvaluationResult) -> list[dict]:
+    """One row per slice (z, Dice, IoU, HD95 in px and µm, mask and truth shares), then a 'mean' row."""
+    keys = ("z", "dice", "iou", "hd95_px", "hd95_um", "mask_fraction", "truth_fraction")
+    rows: list[dict] = [{k: row.get(k) for k in keys} for row in result.rows]
+    if rows:
+        (mean,) = result.summary()
+        rows.append({"z": "mean", "dice": mean["dice"], "iou": mean["iou"], "hd95_px": mean["hd95_px"],
+                     "hd95_um": mean["hd95_um"], "mask_fraction": None, "truth_fraction": None})
+    for row in rows:
+        for key, places in (("dice", 3), ("iou", 3), ("hd95_px", 1), ("hd95_um", 1), ("mask_fraction", 3),
+                            ("truth_fraction", 3)):
+            if isinstance(row[key], float):
+                row[key] = round(row[key], places)
+        row["z"] = str(row["z"])
+    return rows

@@ -8,6 +8,11 @@ Each step's server time is recorded (``View.timings``, ms) and the last 50 views
 Best mode's pixel classifier takes ~0.3-2 s per click (fitting the forest and scoring every pixel), so a
 click first gets a *preview*: the cosine heatmap of the same points on the cached patch grid (tens of ms,
 like thesis mode), drawn at once; the page then computes the pixel result and reruns to show it.
+
+Quick adapt: with a *base* chosen ("Start from a saved prototype": a prototype saved in the session or an uploaded
+``.npz``), the page shows the base applied to this stack as it is until points are clicked here; then the points
+are added to it (``core.pipeline.adapt_scorer``). The canvas shows this stack's points only; the base's examples
+are counted per source stack (``core.pipeline.prototype_lineage``).
 """
 
 from __future__ import annotations
@@ -26,11 +31,11 @@ import numpy as np
 import streamlit as st
 
 from core.config import Cleanup, PipelineConfig, Upsampling
-from core.errors import ProtoscopeError
-from core.io import VoxelSize
+from core.errors import PrototypeError, ProtoscopeError
+from core.io import VoxelSize, stack_label
 from core.io.writers import write_masks
-from core.pipeline import Scorer, SliceSegmentation, build_scorer
-from core.prototypes import PointSet, Prototype, prototype_to_bytes
+from core.pipeline import Scorer, SliceSegmentation, adapt_scorer, build_scorer, check_adaptable, prototype_lineage
+from core.prototypes import PointSet, Prototype, load_prototype, prototype_to_bytes
 from core.thresholds import ThresholdSpec, otsu_value
 from ui import render, state
 from ui.resources import Context
@@ -54,6 +59,7 @@ class View:
     timings: dict[str, float] = field(default_factory=dict)  # ms per step
     preview: bool = False  # the heatmap is best mode's patch-level preview (no mask yet)
     pending: bool = False  # the pixel result of these points is still to be computed (after drawing this)
+    base: "Base | None" = None  # the saved prototype this stack's points are added to (quick adapt)
 
     @property
     def area_px(self) -> int | None:
@@ -84,6 +90,118 @@ def _recall(name: str, key: Any) -> Any:
     return None
 
 
+# ---- quick adapt: the base prototype ----------------------------------------------------------------------
+
+NO_BASE = ""
+UPLOAD_BASE = "\x00upload"  # the selectbox entry for an uploaded .npz (no saved name can be this)
+
+
+@dataclass(frozen=True)
+class Base:
+    """The prototype this stack's points are added to: its name, the prototype, and a digest of its file content
+    (the memo keys' identity of the base)."""
+
+    name: str
+    prototype: Prototype = field(repr=False)
+    digest: str = ""
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()[:16]
+
+
+def base_options() -> list[str]:
+    """The "Start from" choices: none, every prototype saved in the session, an uploaded file."""
+    return [NO_BASE, *(saved.name for saved in state.get("segment.prototypes")), UPLOAD_BASE]
+
+
+def base_label(choice: str) -> str:
+    return {NO_BASE: "nothing: a new prototype", UPLOAD_BASE: "an uploaded .npz file…"}.get(choice, choice)
+
+
+def current_base() -> Base | None:
+    """The base chosen on the Segment page (``segment.base``), or None."""
+    choice = state.get("segment.base", NO_BASE)
+    if choice == UPLOAD_BASE:
+        return state.get("segment.base_upload")
+    for saved in state.get("segment.prototypes"):
+        if saved.name == choice:
+            return Base(saved.name, saved.prototype, _digest(saved.data))
+    return None
+
+
+def take_upload(key: str) -> None:
+    """on_change of the base uploader: read the .npz into ``segment.base_upload`` (a PrototypeFileError's message
+    into ``segment.base_error``)."""
+    upload = st.session_state.get(key)
+    state.put("segment.base_error", None)
+    state.put("segment.base_upload", None)
+    if upload is None:
+        return
+    data = upload.getvalue()
+    try:
+        prototype = load_prototype(data, name=upload.name)
+    except ProtoscopeError as error:
+        state.put("segment.base_error", str(error))
+        return
+    state.put("segment.base_upload", Base(upload.name.removesuffix(".npz"), prototype, _digest(data)))
+
+
+def base_picker() -> None:
+    """The "Start from a saved prototype" selectbox (and the uploader when a file is chosen); the choice is
+    ``segment.base`` (a saved name, NO_BASE or UPLOAD_BASE), read by the next run's ``current_base``."""
+    options = base_options()
+    if state.get("segment.base", NO_BASE) not in options:  # renamed or gone (another sample's workspace)
+        state.set_bound("segment.base", NO_BASE)
+    st.selectbox("Start from a saved prototype", options, format_func=base_label, **state.widget("segment.base", NO_BASE),
+                 help="Quick adapt: the points you click on this stack are added to the chosen prototype's examples, "
+                      "and its threshold is calibrated on them. Saving keeps both and records where they came from.")
+    if state.get("segment.base") == UPLOAD_BASE:
+        st.file_uploader("Base prototype (.npz)", type=["npz"], key="segment.base_file", on_change=take_upload,
+                         args=("segment.base_file",))
+        if state.get("segment.base_error"):
+            st.error(state.get("segment.base_error"))
+
+
+def base_problem(ctx: Context, base: Base | None) -> str | None:
+    """Why ``base`` cannot take points on this stack under the session's settings (None when it can)."""
+    if base is None:
+        return None
+    try:
+        check_adaptable(base.prototype, ctx.embedder, ctx.config)
+    except PrototypeError as error:
+        return f"'{base.name}' cannot be adapted here: {error}."
+    return None
+
+
+def _source_name(entry: dict) -> str:
+    return stack_label(Path(entry["source_file"])) if entry.get("source_file") else "an earlier stack"
+
+
+def base_caption(base: Base) -> str:
+    """'Based on NAME (3 + 3 examples from a, 2 + 2 from b)': the base's positive + negative examples per stack."""
+    parts = [f"{e['positive']} + {e['negative']} examples from {_source_name(e)}" for e in prototype_lineage(base.prototype)]
+    return f"Based on '{base.name}' ({', '.join(parts)}); the canvas shows this stack's points only"
+
+
+def origin_rows(ctx: Context, base: Base | None, points: PointSet) -> list[dict]:
+    """Where the prototype's examples come from: this stack's points, then the base's examples per source stack."""
+    rows = [{"from": f"this stack ({stack_label(ctx.stack.path)})", "positive": int(len(points.positive)),
+             "negative": int(len(points.negative))}]
+    if base is not None:
+        rows += [{"from": f"inherited: {_source_name(e)}", "positive": int(e["positive"]), "negative": int(e["negative"])}
+                 for e in prototype_lineage(base.prototype)]
+    return rows
+
+
+def lineage_text(prototype: Prototype) -> str:
+    """'a: 3 + 3, b: 2 + 2' for a prototype with more than one source, else ''."""
+    entries = prototype_lineage(prototype)
+    if len(entries) < 2:
+        return ""
+    return ", ".join(f"{_source_name(e)}: {e['positive']} + {e['negative']}" for e in entries)
+
+
 def scoring_config_key(config: PipelineConfig) -> str:
     """Everything of the config that changes the prototype or the score map (not the threshold)."""
     data = config.as_dict()
@@ -91,9 +209,9 @@ def scoring_config_key(config: PipelineConfig) -> str:
     return json.dumps(data, sort_keys=True)
 
 
-def prototype_key(ctx: Context, points: PointSet) -> str:
+def prototype_key(ctx: Context, points: PointSet, base: Base | None = None) -> str:
     text = "|".join([ctx.sid, ctx.embedder.cache_key.digest(), scoring_config_key(ctx.config),
-                     json.dumps(points.as_dict())])
+                     json.dumps(points.as_dict()), base.digest if base is not None else ""])
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
@@ -105,16 +223,39 @@ def ensure_embedded(ctx: Context, z: int) -> bool:
     return True
 
 
+def enough_points(ctx: Context, points: PointSet) -> bool:
+    """True when the points make a prototype under the session's mode (a positive; best mode: a negative too)."""
+    return len(points.positive) > 0 and not (ctx.config.uses_pixels and len(points.negative) == 0)
+
+
+def keyed_points(ctx: Context, points: PointSet, base: Base | None) -> PointSet:
+    """The points the shown prototype is made of: none while a base is shown as it is, else all of them."""
+    return PointSet() if base is not None and not enough_points(ctx, points) else points
+
+
 def prototype_and_scorer(ctx: Context, points: PointSet) -> tuple[Prototype, Scorer] | str:
-    """The prototype of the points and its scorer (memoised), or a message saying what to click next."""
-    if len(points.positive) == 0:
-        return "Click positive points on the structure (the switch above the image selects positive or negative)."
-    if ctx.config.uses_pixels and len(points.negative) == 0:
+    """The prototype of the points and its scorer (memoised), or a message saying what to click next.
+
+    With a base chosen on the Segment page (``current_base``): the points added to it, or, until there are enough
+    points to add, the base as it is."""
+    base = current_base()
+    problem = base_problem(ctx, base)
+    if problem is not None:
+        return problem
+    enough = enough_points(ctx, points)
+    if not enough and base is None:
+        if len(points.positive) == 0:
+            return "Click positive points on the structure (the switch above the image selects positive or negative)."
         return "Best mode's pixel classifier needs negative points too: click some background."
-    key = prototype_key(ctx, points)
+    key = prototype_key(ctx, keyed_points(ctx, points, base), base)
     found = _recall("prototype", key)
     if found is None:
-        scorer = build_scorer(ctx.embedder, points, ctx.config)  # fits best mode's classifier once
+        if base is None:
+            scorer = build_scorer(ctx.embedder, points, ctx.config)  # fits best mode's classifier once
+        elif enough:
+            scorer = adapt_scorer(base.prototype, ctx.embedder, points, ctx.config)
+        else:
+            scorer = Scorer(base.prototype, ctx.config)
         found = _remember("prototype", key, (scorer.prototype, scorer))
     return found
 
@@ -125,18 +266,21 @@ def preview_config(config: PipelineConfig) -> PipelineConfig:
                                threshold=ThresholdSpec("top", 10.0), z_sigma=0.0, cleanup=Cleanup())
 
 
-def pixel_ready(ctx: Context, points: PointSet, z: int) -> bool:
+def pixel_ready(ctx: Context, points: PointSet, z: int, base: Base | None = None) -> bool:
     """True when best mode's prototype of these points and slice z's pixel score map are memoised."""
-    key = prototype_key(ctx, points)
+    key = prototype_key(ctx, points, base)
     return key in _memo("prototype") and (key, z) in _memo("scores")
 
 
-def preview_scores(ctx: Context, points: PointSet, z: int) -> np.ndarray:
-    """(h, w) float32 patch-grid cosine scores of the points' patch prototypes on slice z (memoised)."""
-    key = "preview|" + prototype_key(ctx, points)
+def preview_scores(ctx: Context, points: PointSet, z: int, base: Base | None = None) -> np.ndarray:
+    """(h, w) float32 patch-grid cosine scores of the points' patch prototypes (added to the base's) on slice z
+    (memoised)."""
+    key = "preview|" + prototype_key(ctx, points, base)
     scorer = _recall("preview", key)
     if scorer is None:
-        scorer = _remember("preview", key, build_scorer(ctx.embedder, points, preview_config(ctx.config)))
+        config = preview_config(ctx.config)
+        scorer = _remember("preview", key, build_scorer(ctx.embedder, points, config) if base is None else
+                           adapt_scorer(base.prototype, ctx.embedder, points, config))
     found = _recall("preview_scores", (key, z))
     if found is None:
         found = _remember("preview_scores", (key, z), scorer.score_map(ctx.embedder, z))
@@ -276,15 +420,18 @@ def compute_view(
     start = time.perf_counter()
     grey = display_image(ctx, z, display)
     points = state.point_set(ctx.sid)
-    if preview and ctx.config.uses_pixels and len(points.positive) and not (len(points.negative) and pixel_ready(ctx, points, z)):
-        return _preview_view(ctx, z, points, grey, display, opacity, show_heatmap, timings, start)
+    base = current_base()
+    problem = base_problem(ctx, base)
+    if (problem is None and preview and ctx.config.uses_pixels and len(points.positive)
+            and not (len(points.negative) and pixel_ready(ctx, points, z, base))):
+        return _preview_view(ctx, z, points, grey, display, opacity, show_heatmap, timings, start, base)
     built = prototype_and_scorer(ctx, points)
     timings["prototype"] = (time.perf_counter() - start) * 1e3
     if isinstance(built, str):
         png = _overlay(("none", ctx.sid, ctx.embedder.cache_key.digest(), z), grey, display, None, None, True, opacity, show_heatmap, show_mask, timings)
-        return View(z, png, display, message=built, timings=_total(timings, start))
+        return View(z, png, display, message=built, timings=_total(timings, start), base=base)
     prototype, scorer = built
-    key = prototype_key(ctx, points)
+    key = prototype_key(ctx, keyed_points(ctx, points, base), base)
     mark = time.perf_counter()
     scores = score_map(ctx, key, scorer, z)
     timings["scores"] = (time.perf_counter() - mark) * 1e3
@@ -298,14 +445,17 @@ def compute_view(
     nearest = not scorer.pixel_level and ctx.config.upsampling is Upsampling.NEAREST
     png = _overlay((key, z, str(spec)), grey, display, scores, seg.mask if seg is not None else None, nearest, opacity,
                    show_heatmap, show_mask, timings)
-    return View(z, png, display, prototype, seg, message, _total(timings, start))
+    if base is not None and not enough_points(ctx, points) and message is None:
+        message = (f"'{base.name}' as it was saved, on this stack. Click positive and negative points here to adapt it "
+                   "to this stack.")
+    return View(z, png, display, prototype, seg, message, _total(timings, start), base=base)
 
 
 def _preview_view(ctx: Context, z: int, points: PointSet, grey: np.ndarray, display: tuple[int, int], opacity: float,
-                  show_heatmap: bool, timings: dict[str, float], start: float) -> View:
-    grid = preview_scores(ctx, points, z)
+                  show_heatmap: bool, timings: dict[str, float], start: float, base: Base | None = None) -> View:
+    grid = preview_scores(ctx, points, z, base)
     timings["preview"] = (time.perf_counter() - start) * 1e3
-    key = ("preview", prototype_key(ctx, points), z)
+    key = ("preview", prototype_key(ctx, points, base), z)
     # drawn smooth (bilinear), as best mode's own patch scores would be, not as 14-px blocks
     png = _overlay(key, grey, display, grid, None, False, opacity, show_heatmap, False, timings)
     pending = len(points.negative) > 0
@@ -315,7 +465,7 @@ def _preview_view(ctx: Context, z: int, points: PointSet, grey: np.ndarray, disp
                "patch-level preview of your positive points.")
     timings = _total(timings, start)
     state.put("segment.preview_timings", dict(timings))
-    return View(z, png, display, message=message, timings=timings, preview=True, pending=pending)
+    return View(z, png, display, message=message, timings=timings, preview=True, pending=pending, base=base)
 
 
 def timing_caption(view: View, config: PipelineConfig, fresh: bool = False) -> str:
