@@ -24,6 +24,7 @@ from skimage import morphology
 from core.config import Cleanup, PipelineConfig, Upsampling
 from core.errors import PrototypeError
 from core.grid import grid_to_pixels_nearest, points_to_patches, upsample_bilinear
+from core.io.channels import channel_name
 from core.pixels import (
     PixelClassifier,
     PixelFeatureSpace,
@@ -32,6 +33,7 @@ from core.pixels import (
     feature_statistics,
     fit_projection,
 )
+from core.preprocess import pooled_intensity_range
 from core.prototypes import PointSet, Prototype, build_references, collect_examples, now_iso
 from core.scoring import score_embeddings
 from core.thresholds import ThresholdSpec, apply_threshold, calibrate_threshold, threshold_value
@@ -305,6 +307,16 @@ def _check_points(embedder: "SliceEmbedder", points: PointSet, config: PipelineC
         raise PrototypeError("the pixel classifier of best mode needs negative points too; click some background")
 
 
+def source_intensity_range(embedder: "SliceEmbedder", points: PointSet) -> tuple[float, float]:
+    """The (low, high) intensity percentiles a prototype records of its source: the stack-wide range when the
+    embedder normalises per stack, else the range pooled over the clicked slices (at most 4; their planes are
+    already read)."""
+    if embedder.stack_range is not None:
+        return embedder.stack_range
+    slices = [embedder.raw(z) for z in points.slices[:4]]
+    return pooled_intensity_range(slices, embedder.preprocess.clip_percentiles)
+
+
 def _points_prototype(embedder: "SliceEmbedder", points: PointSet, config: PipelineConfig, positive: np.ndarray,
                       negative: np.ndarray, seed: int) -> Prototype:
     """A prototype of ``points`` on the embedder's stack with these (N, D) unit patch examples (no pixel examples,
@@ -322,7 +334,8 @@ def _points_prototype(embedder: "SliceEmbedder", points: PointSet, config: Pipel
         source_file=str(embedder.stack.path),
         channel=embedder.channel,
         timepoint=embedder.timepoint,
-        intensity_range=embedder.stack_range,
+        intensity_range=source_intensity_range(embedder, points),
+        source_channel_name=channel_name(embedder.stack, embedder.channel),
         created=now_iso(),
         backbone_label=embedder.backbone.label(),
     )
@@ -425,21 +438,6 @@ def calibrate_on_points(
 # ---- quick adapt: a saved prototype and a few clicks on another stack -------------------------------------
 
 
-@dataclass(frozen=True)
-class AdaptedPrototype(Prototype):
-    """A Prototype that records its lineage: where its examples came from, oldest first, each entry a dict
-    {source_file, channel, positive, negative, created} (``lineage_entry``); saved in the file's metadata JSON.
-
-    Interim: once ``core.prototypes.Prototype`` has the field ``lineage: tuple[dict, ...] = ()`` (written to and
-    read from the metadata JSON), ``AdaptedPrototype = Prototype`` replaces this class.
-    """
-
-    lineage: tuple[dict, ...] = ()
-
-    def metadata(self) -> dict:
-        return {**super().metadata(), "lineage": [dict(entry) for entry in self.lineage]}
-
-
 def lineage_entry(source_file: str, channel: int | None, points: PointSet, created: str = "") -> dict:
     """One lineage entry: the points of one stack a prototype's examples came from (counts, not coordinates)."""
     return {"source_file": str(source_file), "channel": channel, "positive": int(len(points.positive)),
@@ -447,7 +445,7 @@ def lineage_entry(source_file: str, channel: int | None, points: PointSet, creat
 
 
 def prototype_lineage(prototype: Prototype) -> tuple[dict, ...]:
-    """Where ``prototype``'s examples came from, oldest first (see ``AdaptedPrototype``).
+    """Where ``prototype``'s examples came from, oldest first (``Prototype.lineage``).
 
     A prototype without a recorded lineage is its own points on its source file; when it holds more patch examples
     than points (an adapted prototype read back from a file that lost its lineage), the surplus is one entry of
@@ -537,8 +535,7 @@ def adapt_scorer(
         prototype = _with_base_pixels(prototype, base, np.random.default_rng(seed))
     lineage = prototype_lineage(base) + (lineage_entry(prototype.source_file, prototype.channel, new_points,
                                                        prototype.created),)
-    adapted = AdaptedPrototype(**{f.name: getattr(prototype, f.name) for f in dataclasses.fields(Prototype)},
-                               lineage=lineage)
+    adapted = dataclasses.replace(prototype, lineage=lineage)
     return _calibrated(embedder, adapted, point_features)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from core.config import PipelineConfig, Scoring
 from core.errors import OptionError, PrototypeError, PrototypeFileError
 from core.grid import check_points_inside, points_to_patches
+from core.io.channels import same_channel_name
 from core.io.atomic import atomic_output
 from core.scoring import kmeans_prototypes, l2_normalize, mean_prototype
 
@@ -75,6 +76,22 @@ class PointSet:
     def as_dict(self) -> dict:
         return {"positive": self.positive.tolist(), "negative": self.negative.tolist()}
 
+    def check_inside(self, n_slices: int, slice_shape: tuple[int, int], *, source: str = "points") -> None:
+        """PrototypeError naming the first point that lies on no slice 0..n_slices-1 or outside the (Y, X)
+        `slice_shape`: what a stack can be asked before anything is embedded."""
+        for name, rows in (("positive", self.positive), ("negative", self.negative)):
+            on_a_slice = (rows[:, 2] >= 0) & (rows[:, 2] < n_slices)
+            if not on_a_slice.all():
+                x, y, z = rows[~on_a_slice][0].tolist()
+                raise PrototypeError(f"{source}: {name} point (x={x}, y={y}, z={z}) lies on slice z={z}, but the "
+                                     f"stack has slices 0-{n_slices - 1}")
+            inside = check_points_inside(rows[:, :2], slice_shape)
+            if not inside.all():
+                x, y, z = rows[~inside][0].tolist()
+                raise PrototypeError(f"{source}: {name} point (x={x}, y={y}, z={z}) lies outside the {slice_shape[1]} x "
+                                     f"{slice_shape[0]} slice (x = column 0-{slice_shape[1] - 1}, y = row "
+                                     f"0-{slice_shape[0] - 1})")
+
     @classmethod
     def from_dict(cls, data: dict, *, source: str = "points") -> "PointSet":
         if not isinstance(data, dict) or "positive" not in data:
@@ -89,7 +106,10 @@ class PointSet:
                 raise PrototypeError(f"{source}: every {name} point must be [x, y, z]; got an array of shape {array.shape}")
         if positive.size == 0:
             raise PrototypeError(f"{source}: at least one positive point is needed")
-        return cls(positive.reshape(-1, 3), negative.reshape(-1, 3))
+        try:
+            return cls(positive.reshape(-1, 3), negative.reshape(-1, 3))
+        except PrototypeError as error:  # non-finite or absurd coordinates: name the file they came from
+            raise PrototypeError(f"{source}: {error}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> "PointSet":
@@ -136,6 +156,8 @@ class Prototype:
     pixel_negative_examples: np.ndarray | None = None
     pixel_projection: np.ndarray | None = None
     pixel_projection_mean: np.ndarray | None = None
+    source_channel_name: str = ""  # the channel's name in the source stack ('' when unnamed)
+    lineage: tuple[dict, ...] = ()  # quick adapt: where the examples came from, oldest first
 
     def metadata(self) -> dict:
         return {
@@ -150,6 +172,8 @@ class Prototype:
             "intensity_range": list(self.intensity_range) if self.intensity_range else None,
             "source_file": self.source_file,
             "channel": self.channel,
+            "source_channel_name": self.source_channel_name,
+            "lineage": [dict(entry) for entry in self.lineage],
             "timepoint": self.timepoint,
             "points": self.points.as_dict(),
             "created": self.created,
@@ -209,11 +233,44 @@ def build_references(examples: np.ndarray, config: PipelineConfig, seed: int = 0
     return mean_prototype(examples)
 
 
+#: A target's intensity range counts as far off the prototype's when its width differs by more than this factor
+#: or the two ranges do not overlap at all (percentile ranges, in the images' own units).
+RANGE_FACTOR = 4.0
+
+
+def target_warnings(prototype: Prototype, channel_name: str, intensity_range: tuple[float, float] | None) -> list[str]:
+    """Why applying ``prototype`` to a target channel may give wrong masks, as sentences (empty when it fits).
+
+    channel_name : the target channel's own name ('' when unnamed: no name check).
+    intensity_range : the target's (low, high) intensity percentiles (the prototype's clip percentiles), or None.
+    """
+    warnings = []
+    source = prototype.source_channel_name
+    if source and channel_name and not same_channel_name(source, channel_name):
+        warnings.append(f"the prototype was made on channel '{source}', this channel is '{channel_name}'; "
+                        "choose the channel that shows the same structure")
+    if prototype.intensity_range is not None and intensity_range is not None:
+        (s_low, s_high), (t_low, t_high) = prototype.intensity_range, intensity_range
+        s_width, t_width = max(s_high - s_low, 1e-12), max(t_high - t_low, 1e-12)
+        apart = t_high < s_low or s_high < t_low
+        if apart or not 1 / RANGE_FACTOR <= t_width / s_width <= RANGE_FACTOR:
+            warnings.append(f"this channel's intensities ({t_low:.4g}-{t_high:.4g}) are far from those the prototype "
+                            f"was made on ({s_low:.4g}-{s_high:.4g}); check the channel, or adapt the prototype with "
+                            "a few clicks on this stack")
+    return warnings
+
+
+def check_prototype_name(path: str | Path) -> None:
+    """PrototypeError unless `path` names an ``.npz`` file (what `save_prototype` writes)."""
+    path = Path(path)
+    if path.suffix != ".npz" or path.name == ".npz":
+        raise PrototypeError(f"{path}: prototype files end in .npz; choose a name like 'vessels.npz'")
+
+
 def save_prototype(prototype: Prototype, path: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``prototype`` as a pickle-free ``.npz`` (atomically); refuses to overwrite unless asked."""
     path = Path(path)
-    if path.suffix != ".npz":
-        raise PrototypeError(f"{path}: prototype files end in .npz")
+    check_prototype_name(path)
     if path.exists() and not overwrite:
         raise PrototypeError(f"{path} already exists; choose another name or allow overwriting")
     arrays = _archive_arrays(prototype)
@@ -304,6 +361,8 @@ def load_prototype(
         intensity_range=fields["intensity_range"],
         created=fields["created"],
         backbone_label=fields["backbone_label"],
+        source_channel_name=fields["source_channel_name"],
+        lineage=fields["lineage"],
         **_pixel_arrays(optional, dim, label),
     )
 
@@ -405,7 +464,29 @@ def _metadata_fields(metadata: dict, label: str) -> dict:
         "intensity_range": None if not intensity else (float(intensity[0]), float(intensity[1])),
         "created": text("created"),
         "backbone_label": text("backbone_label"),
+        "source_channel_name": text("source_channel_name"),
+        "lineage": _lineage(metadata.get("lineage", []), bad),
     }
+
+
+def _lineage(value: object, bad: Callable[[str, str], PrototypeFileError]) -> tuple[dict, ...]:
+    """The metadata's lineage entries ({source_file, channel, positive, negative, created}), checked."""
+    expected = "a list of {source_file, channel, positive, negative, created} entries"
+    if not isinstance(value, list):
+        raise bad("lineage", expected)
+    entries = []
+    for entry in value:
+        if not isinstance(entry, dict) or not isinstance(entry.get("source_file", ""), str) \
+                or not isinstance(entry.get("created", ""), str):
+            raise bad("lineage", expected)
+        channel = entry.get("channel")
+        counts = [entry.get("positive", 0), entry.get("negative", 0)]
+        if (channel is not None and (isinstance(channel, bool) or not isinstance(channel, int))) or \
+                any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in counts):
+            raise bad("lineage", expected)
+        entries.append({"source_file": entry.get("source_file", ""), "channel": channel, "positive": counts[0],
+                        "negative": counts[1], "created": entry.get("created", "")})
+    return tuple(entries)
 
 
 def _float_values(array: np.ndarray, key: str, label: str) -> np.ndarray:

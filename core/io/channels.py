@@ -53,6 +53,18 @@ def channel_label(stack_or_names: Stack | Sequence[str], c: int) -> str:
     return f"{c} · {name}" if name else str(c)
 
 
+def channel_name(stack_or_names: Stack | Sequence[str], c: int) -> str:
+    """Channel c's own name, or '' when it has none (out of range, or the readers' stand-in 'Channel N')."""
+    names = _names(stack_or_names)
+    name = names[c].strip() if 0 <= c < len(names) else ""
+    return "" if re.fullmatch(r"channel ?\d+", name.lower()) else name
+
+
+def same_channel_name(a: str, b: str) -> bool:
+    """Whether two channel names are alike ignoring case, spaces and separators ('Ground truth' ~ 'ground_truth')."""
+    return _squeezed(a) == _squeezed(b)
+
+
 def is_protoscope_mask(name: str) -> bool:
     """Whether a channel is one Protoscope appended (named 'Protoscope mask', perhaps with a suffix)."""
     return _squeezed(name).startswith(_squeezed(PROTOSCOPE_MASK_NAME))
