@@ -1,7 +1,8 @@
 """Protoscope app: open a sample, choose channels, backbone and mode (this page); the other pages segment it.
 
 Run: ``bash scripts/run_app.sh`` (or ``streamlit run app.py``). This file is the router: it sets up the
-session, draws the sidebar status on every page and runs the selected page.
+session, restores the tab's workspace (ui.workspace), draws the sidebar status on every page, runs the selected
+page and then saves the work.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import streamlit as st
 from core.features.backbones import weights_status
 from core.config import OPTION_NAMES, Scoring, Upsampling
 from core.errors import ProtoscopeError
-from ui import home, layout, resources, settings, state
+from ui import home, layout, resources, settings, state, workspace
 from ui.state import BackboneChoice
 
 
@@ -211,6 +212,9 @@ def home_page() -> None:
 
 st.set_page_config(page_title="Protoscope", page_icon=":material/biotech:", layout="wide")
 state.init()
+# before any widget: a reloaded tab (?ws=<id> in its address) gets its sample, points, prototypes and bound
+# settings back, and a workspace open in another tab shows its conflict choices above the page (docs/workspace.md)
+workspace.restore_on_start()
 layout.PAGES.update(
     home=st.Page(home_page, title="Open sample", icon=":material/folder_open:", default=True),
     segment=st.Page("pages/1_Segment.py", title="Segment", icon=":material/touch_app:"),
@@ -222,3 +226,4 @@ layout.PAGES.update(
 navigation = st.navigation(list(layout.PAGES.values()))
 layout.sidebar_status()
 navigation.run()
+workspace.autosave()  # saves what changed in this run; draws the sidebar's Workspace box (status, export, import)

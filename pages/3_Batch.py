@@ -6,13 +6,13 @@ from pathlib import Path
 
 import streamlit as st
 
-from core.batch import plan_batch
+from core.batch import embeds_ahead, plan_batch
 from core.errors import ProtoscopeError
 from core.prototypes import load_prototype
 from core.thresholds import ThresholdSpec
 from core.zspec import parse_z_spec
 from core.io.channels import default_image_channel
-from ui import batch, home, layout, resources, segment, settings, state
+from ui import batch, home, jobs, layout, resources, segment, settings, state, views
 
 SOURCES = ("current", "saved", "upload")
 
@@ -102,7 +102,7 @@ def run_controls(ctx: resources.Context, result_slot) -> None:
     st.caption(f"{batch.plan_caption(plan, stack.name)}. Output folder: `{settings.output_dir(stack.path, create=False)}`")
     inputs = batch.run_signature(prototype, name, stack.path, embedder.channel, z_values, threshold, formats)
     state.put("batch.inputs", inputs)
-    embeds = plan.embeds
+    embeds = embeds_ahead(embedder, plan)  # phase 'embed' runs (and reports progress) only then
     if st.button("Run batch", type="primary", key="batch.run"):
         # the previous result leaves the page the moment a new run starts: it is not this run's result
         state.put("batch.result", None)
@@ -111,12 +111,18 @@ def run_controls(ctx: resources.Context, result_slot) -> None:
     elif state.get("batch.running"):
         state.put("batch.running", False)
         st.warning("The batch was cancelled; no file was written." + (" The slices embedded so far are cached: "
-                   "**Run batch** again resumes from there." if embeds else ""))
+                   "**Run batch** again resumes from there." if plan.embeds else ""))
 
 
 def execute(embedder, prototype, name, z_values, formats, threshold, embeds: bool = True, inputs: str = "") -> None:
+    """Run the batch under progress bars ('embed' only when the run embeds ahead, core.batch.embeds_ahead).
+
+    It stops when the user presses Cancel (the click interrupts this script run at its next progress update) or
+    leaves: once the session has ended (tab closed, ui.jobs) nobody would see the result, so ``should_stop`` ends
+    the run at the next slice."""
     cancel = st.empty()
     cancel.button("Cancel", key="batch.cancel", help="Stops after the current slice; embedded slices stay cached")
+    watch = jobs.session_watch()
     bars = {"embed": st.progress(0.0, text="Embedding uncached slices…") if embeds else st.empty(),
             "mask": st.progress(0.0, text="Masks: waiting…")}
     titles = {"embed": "Embedding", "mask": "Scoring and thresholding"}
@@ -126,7 +132,7 @@ def execute(embedder, prototype, name, z_values, formats, threshold, embeds: boo
 
     state.put("batch.running", True)
     outputs = batch.run(embedder, prototype, z_values, formats, prototype_name=name, threshold=threshold,
-                        on_progress=on_progress)
+                        on_progress=on_progress, should_stop=watch.should_stop)
     outputs.inputs = inputs
     state.put("batch.running", False)
     state.put("batch.result", outputs)
@@ -135,9 +141,9 @@ def execute(embedder, prototype, name, z_values, formats, threshold, embeds: boo
         st.warning("The batch was cancelled; run it again to resume from the cache.")
 
 
-def show_result() -> None:
-    """The last run's result: 'Batch finished', figures and downloads while the settings are those that made
-    it; marked as the previous run's once any setting changed (or cannot be read)."""
+def show_result(ctx: resources.Context) -> None:
+    """The last run's result: 'Batch finished', figures, downloads and the views in 3-D while the settings are
+    those that made it; marked as the previous run's once any setting changed (or cannot be read)."""
     outputs: batch.BatchOutputs | None = state.get("batch.result")
     if outputs is None or outputs.result.cancelled:
         return
@@ -166,6 +172,7 @@ def show_result() -> None:
         else:
             st.caption(f"{file.title}: `{file.path}` ({file.size / 1e6:.0f} MB: too large to download through the "
                        "browser; open it from the server's disk)")
+    layout.run_page(lambda: views.batch_views(ctx, outputs))
 
 
 def page() -> None:
@@ -177,7 +184,7 @@ def page() -> None:
     with controls:
         layout.run_page(lambda: run_controls(ctx, result_slot))
     with result_slot.container():
-        show_result()
+        show_result(ctx)
 
 
 layout.run_page(page)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import re
 from pathlib import Path
 
 import h5py
@@ -264,3 +265,42 @@ def test_the_other_stacks_channel_is_found_by_the_prototypes_channel_name(app, t
     assert not app.exception and not app.error
     np.testing.assert_array_equal(  # the same image as the demo's slice 12: the mask the Segment page showed
         app.session_state["batch.result"].result.area_px, [int(app.session_state["segment.view"].area_px)])
+
+
+# ---- issue 11: names never collide, a closed tab stops its batch, the result in 3-D -----------------------------
+
+
+def test_output_names_of_two_runs_in_one_second_differ(monkeypatch):
+    from ui import batch as batch_ui
+
+    monkeypatch.setattr(batch_ui.time, "strftime", lambda fmt: "20261205-120000")  # the same second
+    first, second = (batch_ui.base_name(Path("/data/stack A.ome.tif"), "vessels 1") for _ in range(2))
+    assert first != second
+    assert re.fullmatch(r"stack_A_vessels_1_20261205-120000-[0-9a-f]{4}", first)
+    assert batch_ui.base_name(Path("/data/a.tif"), "p", tail="beef") == "a_p_20261205-120000-beef"
+
+
+def test_a_batch_stops_when_its_session_has_ended(app, tmp_path, monkeypatch):
+    """The tab was closed (ui.jobs: the session is no longer active): the run stops at the next slice and
+    writes nothing."""
+    from ui import jobs
+
+    monkeypatch.setattr(jobs, "session_watch", lambda: jobs.SessionWatch("closed-tab", grace_s=0,
+                                                                          is_active=lambda session_id: False))
+    app.button(key="batch.run").click().run(timeout=300)
+    assert not app.exception and not app.error
+    assert app.session_state["batch.result"].result.cancelled
+    assert app.session_state["batch.result"].result.area_px == []
+    assert any("The batch was cancelled" in w.value for w in app.warning)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*_areas.csv"))
+
+
+def test_the_result_records_its_stack_and_channel_and_is_shown_in_3d(app):
+    app.text_input(key="_w.batch.z").input("10:14").run()
+    app.button(key="batch.run").click().run(timeout=300)
+    assert not app.exception and not app.error
+    outputs = app.session_state["batch.result"]
+    assert (outputs.stack_path, outputs.channel) == (app.session_state["home.sample"].path, 0)
+    assert any(m.value == "**In 3-D**" for m in app.markdown)
+    assert len(app.get("plotly_chart")) == 2  # the area per slice and the 3-D view of the masks
+    assert any("connected piece" in c.value for c in app.caption)

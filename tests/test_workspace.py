@@ -50,6 +50,7 @@ from core.workspace import (
 )
 from ui.batch import BatchOutputs
 from ui.refine import TrainedModel
+from ui import testing
 from ui.state import BackboneChoice, Sample, SavedPrototype, Truth, stack_id
 
 
@@ -490,3 +491,63 @@ def test_in_streamlit_the_url_keeps_the_workspace_and_a_second_tab_is_asked(tmp_
     assert load_workspace(tmp_path / "ws", ws_id).points == {0: {1: ((5, 6, 1),)}}
     first.run()
     assert any("is open in another tab or session" in w.value for w in first.warning)
+
+
+# ---- the app (app.py wires restore_on_start and autosave): a reloaded tab gets its work back ------------------
+# AppTest runs app.py only on the Open sample page (switch_page runs the page's own file), so these tests come back
+# to it to save; the real browser test (tests/test_browser.py) reloads mid-work on the Segment page.
+
+
+def _reloaded(at, timeout: float = 300):
+    """A new AppTest session on app.py with the first one's address (?ws=): what a browser reload makes."""
+    from streamlit.testing.v1 import AppTest
+
+    ws = at.query_params["ws"]
+    again = AppTest.from_file(str(testing.PROJECT_ROOT / "app.py"), default_timeout=timeout)
+    again.query_params["ws"] = ws if isinstance(ws, str) else ws[0]
+    return again.run()
+
+
+def test_the_app_restores_a_reloaded_tab(tmp_path_factory, tmp_path, monkeypatch):
+    at = testing.demo_with_saved_prototype(tmp_path_factory.getbasetemp(), tmp_path / "out", monkeypatch, 12)
+    testing.set_mode(at, "thesis")
+    testing.goto(at, "home")  # app.py's autosave
+    assert not at.exception
+    assert any(c.value.startswith("Saved ") and "workspace" in c.value for c in at.sidebar.caption)
+    assert any(b.label == "Export workspace (.zip)" for b in at.sidebar.get("download_button"))
+
+    again = _reloaded(at)
+    assert not again.exception and not again.warning
+    assert again.session_state["home.sample"] == at.session_state["home.sample"]
+    assert again.radio(key="_w.home.mode").value == "thesis"
+    testing.goto(again, "segment")
+    assert not again.exception and not again.error
+    assert any("2 positive, 2 negative on 1 slice(s)" in m.value for m in again.markdown)
+    assert again.slider(key="_w.segment.z").value == 12
+    testing.goto(again, "batch")
+    assert again.radio(key="_w.batch.source").value == "saved"
+    assert again.selectbox(key="batch.saved_name").value == "prototype-1"
+    np.testing.assert_array_equal(again.session_state["segment.prototypes"][0].prototype.positive_examples,
+                                  at.session_state["segment.prototypes"][0].prototype.positive_examples)
+
+
+def test_a_slice_chosen_only_on_feature_space_is_restored(tmp_path_factory, monkeypatch):
+    """segment.z's widget on Feature space has a key of its own ('_w.features.z'); the setting (the stored key, not
+    the widget's) is saved, and the Segment page's slider is re-seeded from it after the reload."""
+    for key, value in testing.app_environment(tmp_path_factory.getbasetemp()).items():
+        monkeypatch.setenv(key, value)
+    at = testing.goto(testing.open_demo(testing.new_app(timeout=300)), "features")
+    at.slider(key="_w.features.z").set_value(5).run()
+    assert at.session_state["segment.z"] == 5
+    testing.goto(at, "home")
+    again = _reloaded(at)
+    assert again.session_state["segment.z"] == 5
+    testing.goto(again, "segment")
+    assert not again.exception and again.slider(key="_w.segment.z").value == 5
+
+
+def test_settings_bound_through_a_widget_key_of_their_own_are_saved():
+    """ui.state.widget(..., widget_key=...): the sidebar's mode radio and Feature space's slice slider."""
+    session = {"_w.sidebar.mode": "thesis", "home.mode": "thesis", "_w.features.z": 5, "segment.z": 5,
+               "_w.segment.label": "negative", "segment.label": "negative", "_w.home.source": "x", "home.source": "x"}
+    assert uw.bound_settings(session) == {"home.mode": "thesis", "segment.z": 5, "segment.label": "negative"}

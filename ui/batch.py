@@ -1,8 +1,10 @@
 """The Batch page's work: apply a prototype to a z-range, write the masks server-side, summarise the result.
 
-Masks go into a memory-mapped volume inside the output folder (``core.batch.MaskVolume``), so results
-larger than RAM work; the files are written only after the last slice, so a cancelled run leaves no
-half-written output. Embeddings go through the on-disk cache: a cancelled run resumes where it stopped.
+Masks go into a memory-mapped volume (``core.batch.MaskVolume``, its scratch file in Protoscope's own temp
+folder, never the output folder), so results larger than RAM work; the files are written only after the last
+slice, so a cancelled run leaves no half-written output. Output names end in a short random tail, so two
+sessions batching one stack in the same second never collide. Embeddings go through the on-disk cache: a
+cancelled run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +42,8 @@ FORMATS = {
 @dataclass
 class BatchOutputs:
     """A finished (or cancelled) run, kept in the session for display and downloads: core's BatchResult (areas,
-    volume, timing) and what the app made of it (files written, montage)."""
+    volume, timing) and what the app made of it (files written, montage), with the stack and image channel it
+    ran on (``stack_path`` is '' for a result restored from a workspace, which does not record it)."""
 
     stack_name: str
     result: BatchResult
@@ -48,6 +52,8 @@ class BatchOutputs:
     montage_png: bytes = b""
     threshold: str = ""
     inputs: str = ""  # run_signature of the settings that made it (the page marks it stale when they change)
+    stack_path: str = ""
+    channel: int | None = None
 
     @property
     def z_values(self) -> list[int]:
@@ -62,9 +68,12 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "masks"
 
 
-def base_name(stack_path: Path, prototype_name: str) -> str:
-    """'<stack>_<prototype>_<YYYYmmdd-HHMMSS>' for the output files."""
-    return f"{safe_name(stack_label(stack_path))}_{safe_name(prototype_name)}_{time.strftime('%Y%m%d-%H%M%S')}"
+def base_name(stack_path: Path, prototype_name: str, tail: str | None = None) -> str:
+    """'<stack>_<prototype>_<YYYYmmdd-HHMMSS>-<tail>' for the output files; ``tail`` is 4 random hex digits unless
+    given, so two sessions that batch one stack with the same prototype name in the same second write apart."""
+    tail = secrets.token_hex(2) if tail is None else tail
+    return (f"{safe_name(stack_label(stack_path))}_{safe_name(prototype_name)}_{time.strftime('%Y%m%d-%H%M%S')}"
+            f"-{safe_name(tail)}")
 
 
 def montage_slices(z_values: list[int], count: int = 12) -> list[int]:
@@ -139,7 +148,10 @@ def run(
     on_progress: Callable[[str, int, int, float | None], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> BatchOutputs:
-    """Segment ``z_values`` of the embedder's stack and write the masks in ``formats`` (keys of FORMATS) + CSV."""
+    """Segment ``z_values`` of the embedder's stack and write the masks in ``formats`` (keys of FORMATS) + CSV.
+
+    ``should_stop`` is polled before each slice (the page passes its session's watch, ui.jobs): a stopped run
+    returns a cancelled result and writes no file."""
     stack = embedder.stack
     if "ims" in formats and stack.format != "ims":
         raise ProtoscopeError("the Imaris copy needs an .ims source stack; choose TIFF, OME-TIFF or HDF5 for "
@@ -149,11 +161,12 @@ def run(
         raise ProtoscopeError(f"unknown output format(s) {unknown}; choose from {list(FORMATS)}")
     folder = settings.output_dir(stack.path)
     base = base_name(stack.path, prototype_name)
-    volume = MaskVolume(z_values, embedder.slice_shape, directory=folder)
+    volume = MaskVolume(z_values, embedder.slice_shape)
     try:
         result = apply_prototype(embedder, prototype, z_values, volume, threshold=threshold,
                                  voxel_size=stack.voxel_size, on_progress=on_progress, should_stop=should_stop)
-        outputs = BatchOutputs(stack.name, result, str(folder), threshold=str(threshold or prototype.config.threshold))
+        outputs = BatchOutputs(stack.name, result, str(folder), threshold=str(threshold or prototype.config.threshold),
+                               stack_path=str(stack.path), channel=int(embedder.channel))
         if result.cancelled:
             return outputs
         # core.io.ims writes Imaris's Latin-1 strings itself ('λ' becomes '?' there; OME-TIFF and HDF5 keep it)

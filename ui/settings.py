@@ -7,6 +7,10 @@ PROTOSCOPE_UPLOAD_DIR  where uploaded files are stored to be opened (default: <t
 PROTOSCOPE_OUTPUT_DIR  where batch results are written (default: ``protoscope-output/`` next to the stack,
                        or inside the data root when the stack's folder is not writable).
 PROTOSCOPE_CACHE       embedding cache folder (read by core.features.embedding_cache).
+PROTOSCOPE_WORKSPACES  where each tab's work is kept (read by core.workspace.default_root; default
+                       ~/.cache/protoscope/workspaces, 'off' keeps none; see docs/workspace.md).
+PROTOSCOPE_TMP         scratch files of batch runs (read by core.batch.scratch_dir; default
+                       <temp>/protoscope-<user>), never in an output folder.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 Test hooks the app honours:
 
 - environment: PROTOSCOPE_DATA_ROOT, PROTOSCOPE_DEMO_DIR, PROTOSCOPE_UPLOAD_DIR, PROTOSCOPE_OUTPUT_DIR,
-  PROTOSCOPE_CACHE (temporary folders, so tests never write into the repository) and
-  PROTOSCOPE_UMAP_WARMUP=0 (no background numba compilation competing for the CPU);
+  PROTOSCOPE_CACHE, PROTOSCOPE_TMP (scratch files) and PROTOSCOPE_WORKSPACES (temporary folders, so tests never
+  write into the repository or ~/.cache) and PROTOSCOPE_UMAP_WARMUP=0 (no background numba compilation
+  competing for the CPU);
 - session state ``home.backbone_overrides``: DINOv2 config overrides used with random weights, e.g.
   ``TINY_DINOV2`` for a 2-layer model that loads in a second;
 - the canvas: AppTest cannot click it, so a test writes the value the browser would send into
@@ -14,6 +15,7 @@ Test hooks the app honours:
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -30,12 +32,16 @@ DEMO_SHAPE = (256, 256)
 
 def app_environment(base: Path, data_root: Path | None = None) -> dict[str, str]:
     """Environment variables that keep everything the app writes under ``base`` (demo and cache shared by
-    all tests of a session, so slices embedded by one test are cached for the next)."""
+    all tests of a session, so slices embedded by one test are cached for the next). The workspace folder is
+    new on every call: an app that opens the demo would otherwise resume another test's work on it."""
+    base.mkdir(parents=True, exist_ok=True)
     env = {
         "PROTOSCOPE_CACHE": str(base / "protoscope-cache"),
         "PROTOSCOPE_DEMO_DIR": str(base / "protoscope-demo"),
         "PROTOSCOPE_UPLOAD_DIR": str(base / "protoscope-uploads"),
         "PROTOSCOPE_OUTPUT_DIR": str(base / "protoscope-out"),
+        "PROTOSCOPE_TMP": str(base / "protoscope-tmp"),
+        "PROTOSCOPE_WORKSPACES": tempfile.mkdtemp(prefix="protoscope-workspaces-", dir=base),
         "PROTOSCOPE_UMAP_WARMUP": "0",
         "HF_HUB_OFFLINE": "1",
     }

@@ -70,6 +70,10 @@ MAX_CHANNELS = 256
 NOT_RESTORED = ("home.source",)
 #: The sample's own bound settings, restored when a sample's workspace is resumed into a running session.
 SAMPLE_SETTINGS = ("home.channel", "home.truth_kind", "home.truth_channel")
+#: Widget keys that are not '_w.' + their setting (ui.state.widget(..., widget_key=...): a setting with a widget on
+#: several pages) -> the setting they are bound to. A setting whose page-own widget was never drawn in this
+#: session (the slice chosen only on Feature space) is saved through these.
+CUSTOM_WIDGET_KEYS = {"_w.sidebar.mode": "home.mode", "_w.features.z": "segment.z"}
 #: Seconds the first run of a reloaded tab waits for its previous session (same server) to disconnect.
 RELOAD_GRACE_S = 1.5
 
@@ -130,9 +134,12 @@ def _jsonable(value: Any) -> bool:
 
 
 def bound_settings(session: Session | None = None) -> dict[str, Any]:
-    """The bound widget settings (ui.state.widget: a key with its '_w.' shadow) whose values JSON can hold."""
+    """The bound widget settings whose values JSON can hold: the stored keys (``home.mode``, ``segment.z``), never
+    the widgets' own keys, which ``ui.state.bind`` re-seeds from them (ui.state.widget: '_w.' + the setting, or a
+    key of CUSTOM_WIDGET_KEYS)."""
     s = _session(session)
-    keys = [k[3:] for k in list(s.keys()) if isinstance(k, str) and k.startswith("_w.")]
+    widget_keys = [k for k in list(s.keys()) if isinstance(k, str) and k.startswith("_w.")]
+    keys = {CUSTOM_WIDGET_KEYS.get(k, k[3:]) for k in widget_keys}
     return {k: s[k] for k in sorted(keys)
             if k in s and not k.startswith("workspace.") and k not in NOT_RESTORED and _jsonable(s[k])}
 
