@@ -317,6 +317,16 @@ def source_intensity_range(embedder: "SliceEmbedder", points: PointSet) -> tuple
     return pooled_intensity_range(slices, embedder.preprocess.clip_percentiles)
 
 
+def target_intensity_range(embedder: "SliceEmbedder", z: int | None = None) -> tuple[float, float]:
+    """The (low, high) intensity percentiles of a target, comparable with ``Prototype.intensity_range``: the
+    stack-wide range when the embedder normalises per stack, else the range of slice z (default: the middle
+    slice; one plane read)."""
+    if embedder.stack_range is not None:
+        return embedder.stack_range
+    z = embedder.n_slices // 2 if z is None else z
+    return pooled_intensity_range([embedder.raw(z)], embedder.preprocess.clip_percentiles)
+
+
 def _points_prototype(embedder: "SliceEmbedder", points: PointSet, config: PipelineConfig, positive: np.ndarray,
                       negative: np.ndarray, seed: int) -> Prototype:
     """A prototype of ``points`` on the embedder's stack with these (N, D) unit patch examples (no pixel examples,

@@ -70,10 +70,10 @@ def choose_target(ctx: resources.Context, prototype):
             state.set_bound("batch.other_channel", default)
         channel = c2.selectbox("Its image channel", list(range(stack.shape[1])), format_func=home.channel_labeller(stack),
                                **state.widget("batch.other_channel", default))
-    warning = batch.channel_warning(stack, channel, prototype)
-    if warning:
+    embedder = resources.embedder_for(path, int(channel), ctx.choice, prototype.config.preprocess)
+    for warning in batch.channel_warnings(stack, int(channel), prototype, embedder):
         st.warning(warning, icon=":material/warning:")
-    return resources.embedder_for(path, int(channel), ctx.choice, prototype.config.preprocess)
+    return embedder
 
 
 def run_controls(ctx: resources.Context, result_slot) -> None:

@@ -230,13 +230,8 @@ def test_a_result_is_marked_stale_when_its_settings_change(app):
 
 
 def _with_source_channel(prototype, name: str):
-    """The prototype recording its source channel's name (a field of newer prototype files)."""
-    try:
-        return dataclasses.replace(prototype, source_channel_name=name)
-    except TypeError:  # prototypes before that field: the page reads it with getattr
-        copy = dataclasses.replace(prototype)
-        object.__setattr__(copy, "source_channel_name", name)
-        return copy
+    """The prototype recording another name for its source channel (matched ignoring case)."""
+    return dataclasses.replace(prototype, source_channel_name=name)
 
 
 def test_the_other_stacks_channel_is_found_by_the_prototypes_channel_name(app, tmp_path, monkeypatch):
@@ -256,9 +251,11 @@ def test_the_other_stacks_channel_is_found_by_the_prototypes_channel_name(app, t
     assert not app.warning and not app.error
     app.selectbox(key="_w.batch.other_channel").set_value(0).run()
     warnings = [w.value for w in app.warning]
-    assert len(warnings) == 1 and "made on the channel 'synthetic vessels (DEMO)'" in warnings[0]
+    assert len(warnings) == 2 and "made on the channel 'synthetic vessels (DEMO)'" in warnings[0]
     assert "channel 0 · Ground truth (synthetic) is selected; channel 1 · Synthetic vessels (demo) has that name" \
         in warnings[0]
+    # the truth channel holds 0/1, far from the image's intensities the prototype recorded
+    assert "intensities (0-1) are far from those the prototype was made on" in warnings[1]
     app.selectbox(key="_w.batch.other_channel").set_value(1).run()
     app.text_input(key="_w.batch.z").input("12:13").run()
     app.button(key="batch.run").click().run(timeout=300)

@@ -27,7 +27,8 @@ from core.io import Stack, stack_label
 from core.io.channels import channel_label, matching_channel
 from core.io.atomic import atomic_output
 from core.io.writers import write_masks
-from core.prototypes import Prototype
+from core.pipeline import target_intensity_range
+from core.prototypes import Prototype, target_warnings
 from core.thresholds import ThresholdSpec
 from ui import render, settings
 
@@ -135,6 +136,14 @@ def channel_warning(stack: Stack, channel: int, prototype: Prototype) -> str | N
              else f"'{stack.name}' has no channel of that name")
     return (f"This prototype was made on the channel '{source}', but channel {channel_label(stack, channel)} is "
             f"selected; {where}. A prototype applied to another kind of channel usually marks the wrong structures.")
+
+
+def channel_warnings(stack: Stack, channel: int, prototype: Prototype, embedder: SliceEmbedder) -> list[str]:
+    """Every reason the chosen target channel may not fit the prototype: its name (``channel_warning``) and its
+    intensities far from the source's (``core.prototypes.target_warnings``)."""
+    warnings = [w for w in [channel_warning(stack, channel, prototype)] if w]
+    warnings += target_warnings(prototype, "", target_intensity_range(embedder))  # the name is checked above
+    return warnings
 
 
 def run(
