@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import tifffile
 import pytest
 from PIL import Image
 
@@ -192,3 +193,16 @@ def test_the_smallest_allowed_image_embeds(tmp_path):
     Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16)).save(path)
     with open_stack(path) as stack:
         assert SliceEmbedder(stack, 0, load_backbone("filterbank")).embed(0).shape[:2] == (70, 70)
+
+
+def test_info_names_the_default_channels(tmp_path, capsys):
+    """`python -m core info` shows the defaults every command and the app take, by index and name."""
+    from core.cli.main import main
+
+    path = tmp_path / "named.ome.tif"
+    tifffile.imwrite(path, np.zeros((2, 3, 16, 16), np.uint16), metadata={
+        "axes": "ZCYX", "Channel": {"Name": ["Ground truth", "Autofluorescence", "Vessels"]}})
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "default image channel: 1 · Autofluorescence" in out  # position 0 is the truth: the nearest other
+    assert "ground truth (by name): 0 · Ground truth" in out

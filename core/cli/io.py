@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from core.errors import StackError
+from core.io.channels import channel_label, default_image_channel, guess_truth_channel
 
 __all__ = ["register", "cmd_info", "cmd_export", "format_info", "export_slices"]
 
@@ -75,6 +76,11 @@ def format_info(desc: dict[str, Any]) -> str:
     for ch in desc["channels"]:
         color = " ".join(f"{v:.3f}" for v in ch["color"]) if ch["color"] else "-"
         lines.append(f"  {ch['index']:>5}  {ch['index'] - c:>8}  {ch['name']:<{width}}  {color}")
+    names = [ch["name"] for ch in desc["channels"]]
+    if "default_image_channel" in desc:
+        lines.append(f"default image channel: {channel_label(names, desc['default_image_channel'])}")
+        truth = desc.get("truth_channel_guess")
+        lines.append("ground truth (by name): " + (channel_label(names, truth) if truth is not None else "none"))
     return "\n".join(lines)
 
 
@@ -83,6 +89,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     with open_stack(args.stack) as stack:
         desc = stack.describe()
+        # the defaults every command and the app would take (the rules of core.io.channels)
+        desc["default_image_channel"] = default_image_channel(stack)
+        desc["truth_channel_guess"] = guess_truth_channel(stack.channel_names,
+                                                          image_channel=desc["default_image_channel"])
     print(json.dumps(desc, indent=2, ensure_ascii=False) if args.json else format_info(desc))
     return 0
 
