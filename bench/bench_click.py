@@ -29,6 +29,7 @@ from core.config import PipelineConfig  # noqa: E402
 from core.features.embedding import SliceEmbedder  # noqa: E402
 from core.features.embedding_cache import EmbeddingCache  # noqa: E402
 from core.io import open_stack  # noqa: E402
+from core.io.atomic import write_text  # noqa: E402
 from core.pipeline import Scorer, build_prototype  # noqa: E402
 from core.prototypes import PointSet  # noqa: E402
 
@@ -107,9 +108,9 @@ def main() -> None:
                           flush=True)
             stack.close()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"rows": rows, "note": "cached embeddings; best mode includes fitting the pixel "
+    write_text(args.out, json.dumps({"rows": rows, "note": "cached embeddings; best mode includes fitting the pixel "
                                           "classifier; filter features of the slice and stack statistics precomputed"},
-                                         indent=1))
+                                         indent=1), overwrite=True)
     print(f"wrote {args.out}")
 
 

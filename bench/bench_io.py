@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from core.features.backbones import load_backbone  # noqa: E402
 from core.features.embedding import SliceEmbedder  # noqa: E402
+from core.io.atomic import write_text  # noqa: E402
 from core.io import open_stack  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "io.json"
@@ -116,7 +117,7 @@ def main() -> None:
         "shape_zyx": list(shape), "chunks": list(CHUNKS), "compression": "gzip level 2", "runs": rows,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(payload, indent=2))
+    write_text(RESULTS, json.dumps(payload, indent=2), overwrite=True)
     print(f"wrote {RESULTS.relative_to(ROOT)}")
 
 

@@ -23,6 +23,10 @@ import time
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT))
+
+from core.io.atomic import write_text  # noqa: E402
+
 DATA = (PROJECT / ".." / "shared" / "data").resolve()
 RESULTS = PROJECT / "docs" / "results"
 
@@ -304,7 +308,7 @@ def main() -> None:
         if not DATA.is_dir():
             sys.exit(f"{DATA} is absent: the results need the developers' real data")
         run_all(args.seeds, args.cache, args.only)
-    (PROJECT / "docs" / "RESULTS.md").write_text(render(), encoding="utf-8")
+    write_text(PROJECT / "docs" / "RESULTS.md", render(), overwrite=True)
     print("wrote docs/RESULTS.md", file=sys.stderr)
 
 

@@ -20,6 +20,7 @@ from core.features.embedding import SliceEmbedder
 from core.features.embedding_cache import EmbeddingCache, default_cache_dir
 from core.errors import ProtoscopeError, StackError
 from core.io import Stack, open_stack
+from core.io.atomic import write_bytes
 from core.preprocess import PreprocessConfig
 from ui import settings, state
 from ui.state import BackboneChoice, Sample, Truth
@@ -180,7 +181,5 @@ def save_upload(name: str, data: bytes) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     if not path.exists() or path.stat().st_size != len(data):
-        temp = folder / f".part-{name}"
-        temp.write_bytes(data)
-        temp.replace(path)
+        write_bytes(path, data, overwrite=True)
     return path
