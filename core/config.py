@@ -20,6 +20,14 @@ from core.preprocess import PreprocessConfig
 from core.thresholds import ThresholdSpec
 
 
+#: Upper ends of the options whose cost grows without bound: z_sigma smooths over 2·sigma slices each side (more
+#: than any stack holds), augment_radius takes every pixel of a disk around each click (a radius of 16 is 800
+#: examples per click), closing_px is the radius of a disk-shaped closing (the cost grows with its area).
+MAX_Z_SIGMA = 100.0
+MAX_AUGMENT_RADIUS = 16
+MAX_CLOSING_PX = 25
+
+
 class Mode(str, Enum):
     THESIS = "thesis"
     BEST = "best"
@@ -54,8 +62,9 @@ class Cleanup:
     closing_px: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("hole_size_px", "min_size_px", "closing_px"):
+        for name in ("hole_size_px", "min_size_px"):
             _check_whole(name, getattr(self, name), 0, "pixels; 0 switches it off")
+        _check_whole("closing_px", self.closing_px, 0, "pixels; 0 switches it off", MAX_CLOSING_PX)
 
     @property
     def active(self) -> bool:
@@ -87,14 +96,15 @@ class PipelineConfig:
             raise OptionError(f"option negative_weight (λ) must lie in 0..2, got {self.negative_weight!r}")
         _check_whole("n_prototypes", self.n_prototypes, 1, "prototypes per class")
         _check_whole("knn_k", self.knn_k, 1, "nearest clicked patches")
-        if not 0.0 <= self.z_sigma < float("inf"):
-            raise OptionError(f"option z_sigma must be a finite number >= 0 slices (0 = off), got {self.z_sigma!r}")
+        if not 0.0 <= self.z_sigma <= MAX_Z_SIGMA:
+            raise OptionError(f"option z_sigma must be a finite number >= 0 slices (0 = off) and <= {MAX_Z_SIGMA:g}, "
+                              f"got {self.z_sigma!r}")
         if self.pixel_classifier not in ("none", "forest", "linear"):
             raise OptionError(f"option pixel_classifier must be none, forest or linear, got {self.pixel_classifier!r}")
         if self.pixel_standardize not in ("stack", "slice"):
             raise OptionError(f"option pixel_standardize must be stack or slice, got {self.pixel_standardize!r}")
         _check_whole("pixel_max_side", self.pixel_max_side, 64, "pixels")
-        _check_whole("augment_radius", self.augment_radius, 0, "pixels")
+        _check_whole("augment_radius", self.augment_radius, 0, "pixels", MAX_AUGMENT_RADIUS)
         _check_whole("patch_components", self.patch_components, 0, "principal components; 0 = none")
 
     @property
@@ -244,10 +254,12 @@ OPTION_NAMES = (
 )
 
 
-def _check_whole(name: str, value: object, minimum: int, unit: str) -> None:
-    """OptionError unless ``value`` is a whole number >= ``minimum`` (bools are not numbers here)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise OptionError(f"option {name} must be a whole number >= {minimum} ({unit}), got {value!r}")
+def _check_whole(name: str, value: object, minimum: int, unit: str, maximum: int | None = None) -> None:
+    """OptionError unless ``value`` is a whole number >= ``minimum`` (and <= ``maximum``; bools are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum \
+            or (maximum is not None and value > maximum):
+        upper = f" and <= {maximum}" if maximum is not None else ""
+        raise OptionError(f"option {name} must be a whole number >= {minimum}{upper} ({unit}), got {value!r}")
 
 
 def _number(data: dict, key: str, default: float) -> float:

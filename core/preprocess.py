@@ -21,6 +21,10 @@ from core.errors import OptionError, StackError
 #: the percentiles of a 9-Mpixel slice move by far less than one grey level).
 _PERCENTILE_SAMPLE_PIXELS = 2_000_000
 
+#: Largest model input side: 300 patches of 14 px (a 4200 x 4200 float image is 70 MB, and DINOv2 attends over
+#: 90,000 patches); beyond, a run would only exhaust memory (a typo like image_size=98000 must not try).
+MAX_IMAGE_SIZE = 4200
+
 
 @dataclass(frozen=True)
 class PreprocessConfig:
@@ -41,9 +45,9 @@ class PreprocessConfig:
             raise OptionError(f"clip percentiles (options clip_low, clip_high) must satisfy 0 <= clip_low < clip_high "
                               f"<= 100 %, got clip_low={low:g}, clip_high={high:g}")
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, (int, np.integer)) \
-                or self.image_size < 14:
+                or not 14 <= self.image_size <= MAX_IMAGE_SIZE:
             raise OptionError(f"option image_size must be a whole number of pixels >= 14 (one 14-px patch; "
-                              f"980 = 70 patches), got {self.image_size!r}")
+                              f"980 = 70 patches) and <= {MAX_IMAGE_SIZE}, got {self.image_size!r}")
         if self.normalization not in ("slice", "stack"):
             raise OptionError(f"option normalization must be 'slice' or 'stack', got {self.normalization!r}")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from core import __version__
 from core.cli import experiments, io, pipeline, refine
@@ -17,8 +18,16 @@ from core.errors import ProtoscopeError
 from core.io.atomic import output_name_of
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose mistakes (an unknown option, a missing argument, ``--channel abc``) are one
+    ``error: ...`` line and exit status 2, like every other problem a user can fix; ``--help`` shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m core",
         description=(
             "Protoscope: segment fluorescence microscopy stacks from a few clicked points with "

@@ -1,7 +1,10 @@
 """CLI commands of the prototype pipeline: ``prototype``, ``apply``, ``evaluate`` and ``demo``.
 
-Each command checks everything it can before loading a backbone (options, thresholds, the slice selection,
-the channel, the output paths), so that a mistake costs no model load and prints only its ``error:`` line.
+Each command checks everything it can before loading a backbone or printing anything (points, prototype files,
+options, thresholds, the slice selection, the channel and time point, that the slices hold finite pixels, the patch
+grid and the embedding dimension), and reserves its output files (``core.io.atomic``: the temp file proves the
+folder is writable), so that a mistake costs no model load and prints only its ``error:`` line. A problem found
+only while working (a slice without finite pixels in the middle of a float stack) may follow progress lines.
 The modules that import torch are imported inside the commands: ``python -m core info`` and ``--help`` start
 without it (about 3 s).
 """
@@ -15,15 +18,16 @@ import io
 import json
 import shlex
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from core.config import PipelineConfig, parse_option_assignments
-from core.errors import OptionError, OutputError, PrototypeFileError
+from core.errors import OptionError, OutputError, PrototypeError, PrototypeFileError, StackError
 from core.io import default_image_channel
-from core.io.atomic import check_not_an_input, write_text
+from core.io.atomic import atomic_output, check_not_an_input, write_text
 
 # ---- shared options -----------------------------------------------------------------------------------
 
@@ -58,7 +62,9 @@ def open_cache(args: argparse.Namespace):
 
 
 def load_backbone_from_args(name: str | None, args: argparse.Namespace, *, weights: str | None = None, seed: int = 0,
-                            overrides: dict | None = None):
+                            overrides: dict | None = None, announce: bool = True):
+    """The backbone `name` (default: `default_backbone_name`) with the weights and device of `args`; printed on
+    stderr unless ``announce=False`` (callers that still check something print it with `announce_backbone`)."""
     from core.features.backbones import default_backbone_name, load_backbone
 
     name = name or default_backbone_name()
@@ -68,7 +74,8 @@ def load_backbone_from_args(name: str | None, args: argparse.Namespace, *, weigh
         except json.JSONDecodeError as error:
             raise OptionError(f"--backbone-config is not valid JSON: {error}") from None
     backbone = load_backbone(name, weights or args.weights, device=args.device, seed=seed, config_overrides=overrides)
-    announce_backbone(backbone)
+    if announce:
+        announce_backbone(backbone)
     return backbone
 
 
@@ -97,6 +104,30 @@ def check_patch_grid(config: PipelineConfig, backbone) -> None:
         low = max(patch, size // patch * patch)
         raise OptionError(f"option image_size={size} is not a multiple of the {patch}-px patch of {backbone.spec.name}; "
                           f"use e.g. {low} or {low + patch}")
+
+
+def check_timepoint(stack, timepoint: int) -> None:
+    """StackError unless `timepoint` is one of the stack's time points."""
+    if not 0 <= timepoint < stack.n_timepoints:
+        raise StackError(f"time point {timepoint} requested but '{stack.name}' has time points 0..{stack.n_timepoints - 1}")
+
+
+def check_finite_slices(stack, channel: int, timepoint: int, z_values) -> None:
+    """StackError naming the stack, channel and slice when one of `z_values` of a float stack has no finite pixel
+    (all NaN or infinite: nothing to normalise). Integer stacks cannot hold NaN and are not read."""
+    if stack.dtype.kind != "f":
+        return
+    for z in dict.fromkeys(z_values):
+        if not np.isfinite(stack.read_slice(z, channel, timepoint=timepoint)).any():
+            raise StackError(f"'{stack.name}' channel {channel} ({stack.channel_names[channel]}) slice z={z} has no finite "
+                             "pixel values (all NaN or infinite); choose another channel or other slices")
+
+
+def check_embed_dim(prototype, backbone) -> None:
+    """PrototypeError when the prototype's embeddings are not as long as the backbone's."""
+    if prototype.embed_dim != backbone.embed_dim:
+        raise PrototypeError(f"the prototype holds {prototype.embed_dim}-dimensional embeddings but {backbone.spec.name} "
+                             f"gives {backbone.embed_dim}; use the backbone and weights that made it, or make it again")
 
 
 MAX_PROTOCOL_POINTS = 10_000  # per class and slice: the protocol samples them from the ground truth
@@ -130,22 +161,32 @@ def cmd_prototype(args: argparse.Namespace) -> int:
     from core.features.embedding import SliceEmbedder
     from core.io import open_stack
     from core.pipeline import build_prototype
-    from core.prototypes import PointSet, save_prototype
+    from core.prototypes import PointSet, check_prototype_name, prototype_to_bytes
 
     points = PointSet.load(args.points)
     out = Path(args.out)
-    check_outputs(out, overwrite=args.overwrite, inputs=(args.stack, args.points))
+    inputs = (args.stack, args.points)
+    check_prototype_name(out)
+    check_outputs(out, overwrite=args.overwrite, inputs=inputs)
     config = PipelineConfig.for_mode(args.mode).with_options(**parse_option_assignments(args.option))
-    with open_stack(args.stack) as stack:
+    if config.uses_pixels and not len(points.negative):
+        raise PrototypeError(f"{args.points}: the pixel classifier of {config.mode.value} mode needs negative points too; "
+                             "add some background points, or use --mode thesis")
+    with open_stack(args.stack) as stack, ExitStack() as outputs:
         channel = default_image_channel(stack, args.channel)
-        backbone = load_backbone_from_args(args.backbone, args)
+        check_timepoint(stack, args.timepoint)
+        points.check_inside(stack.shape[0], (stack.shape[2], stack.shape[3]), source=str(args.points))
+        check_finite_slices(stack, channel, args.timepoint, points.slices)
+        temp = outputs.enter_context(atomic_output(out, overwrite=args.overwrite, sources=inputs))
+        backbone = load_backbone_from_args(args.backbone, args, announce=False)
         check_patch_grid(config, backbone)
+        announce_backbone(backbone)
         print(f"stack: {stack.path.name} {stack.shape} (Z, C, Y, X), channel {channel} ({stack.channel_names[channel]})",
               file=sys.stderr)
         embedder = SliceEmbedder(stack, channel, backbone, config.preprocess, cache=open_cache(args),
                                  timepoint=args.timepoint)
         prototype = build_prototype(embedder, points, config)
-    save_prototype(prototype, out, overwrite=args.overwrite)
+        temp.write_bytes(prototype_to_bytes(prototype))
     print(f"wrote {out}: {prototype.summary()}")
     return 0
 
@@ -177,10 +218,12 @@ def weights_for_prototype(weights_id: str) -> tuple[str, int, dict | None]:
     return "hub", 0, None
 
 
-def backbone_for_prototype(prototype, args: argparse.Namespace):
+def backbone_for_prototype(prototype, args: argparse.Namespace, *, before_announcing=None):
     """Load the backbone and weights `prototype` was made with; an explicit --weights/--backbone-config wins.
 
-    Warns on stderr when the weights differ, since embeddings from other weights do not match the prototype.
+    Checks the embedding dimension and then `before_announcing(backbone)` (more checks) before it prints the
+    backbone, so that a refusal is the command's only stderr line. Warns on stderr when the weights differ,
+    since embeddings from other weights do not match the prototype.
     """
     requested = getattr(args, "backbone", None)
     if requested is not None and requested != prototype.backbone:
@@ -189,7 +232,12 @@ def backbone_for_prototype(prototype, args: argparse.Namespace):
     weights, seed, overrides = weights_for_prototype(prototype.weights_id)
     if args.weights != "hub" or args.backbone_config:
         weights, overrides = args.weights, None
-    backbone = load_backbone_from_args(prototype.backbone, args, weights=weights, seed=seed, overrides=overrides)
+    backbone = load_backbone_from_args(prototype.backbone, args, weights=weights, seed=seed, overrides=overrides,
+                                       announce=False)
+    check_embed_dim(prototype, backbone)
+    if before_announcing is not None:
+        before_announcing(backbone)
+    announce_backbone(backbone)
     if backbone.weights_id != prototype.weights_id:
         print(f"WARNING: the prototype was made with weights {prototype.weights_id}, now using {backbone.weights_id}; "
               "embeddings from other weights do not match the prototype", file=sys.stderr)
@@ -211,24 +259,32 @@ def cmd_apply(args: argparse.Namespace) -> int:
     check_outputs(out, args.areas, overwrite=args.overwrite, inputs=inputs)
     config = prototype.config.with_options(**parse_option_assignments(args.option))
     threshold = ThresholdSpec.parse(args.threshold) if args.threshold else None
-    with open_stack(args.stack) as stack:
+    requested = getattr(args, "backbone", None)
+    if requested is not None and requested != prototype.backbone:
+        backbone_for_prototype(prototype, args)  # refuses it, before any work
+    with open_stack(args.stack) as stack, ExitStack() as outputs:
         channel = default_image_channel(stack, args.channel)
+        check_timepoint(stack, args.timepoint)
         z_values = parse_z_spec(args.z, stack.shape[0])
-        backbone = backbone_for_prototype(prototype, args)
-        check_patch_grid(config, backbone)
+        check_finite_slices(stack, channel, args.timepoint, z_values[:1])
+        # both outputs reserved now: a folder that cannot be written is refused before any work
+        writer = outputs.enter_context(TiffMaskWriter(out, voxel_size=stack.voxel_size, overwrite=args.overwrite,
+                                                      sources=inputs))
+        areas_temp = (outputs.enter_context(atomic_output(args.areas, overwrite=args.overwrite, sources=inputs))
+                      if args.areas else None)
+        backbone = backbone_for_prototype(prototype, args, before_announcing=lambda b: check_patch_grid(config, b))
         print(f"stack: {stack.path.name} {stack.shape} (Z, C, Y, X), channel {channel}, {len(z_values)} slice(s); "
               f"{config.describe()}" + (f", threshold {threshold}" if threshold else ""), file=sys.stderr)
         embedder = SliceEmbedder(stack, channel, backbone, config.preprocess, cache=open_cache(args), timepoint=args.timepoint)
         progress = StderrProgress({"embed": "embed+score", "mask": "masks"})
         try:
-            with TiffMaskWriter(out, voxel_size=stack.voxel_size, overwrite=args.overwrite, sources=inputs) as writer:
-                result = apply_prototype(embedder, prototype, z_values, lambda z, mask: writer.write(mask),
-                                         config=config, threshold=threshold, voxel_size=stack.voxel_size,
-                                         on_progress=progress)
+            result = apply_prototype(embedder, prototype, z_values, lambda z, mask: writer.write(mask),
+                                     config=config, threshold=threshold, voxel_size=stack.voxel_size,
+                                     on_progress=progress)
         finally:
             progress.close()
-    if args.areas:
-        write_text(args.areas, result.to_csv(), overwrite=args.overwrite, sources=inputs)
+        if areas_temp is not None:
+            areas_temp.write_text(result.to_csv(), encoding="utf-8")
     volume = result.volume_um3
     print(f"wrote {out}: {len(result.area_px)} slice(s), {result.volume_voxels} mask voxels"
           + (f", volume {volume:.6g} µm³" if volume is not None else ""))
@@ -252,7 +308,7 @@ def parse_variant(text: str) -> tuple[str, str, dict[str, str]]:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from core.config import Mode
-    from core.protocol import BASELINES, EvalStack, Method, ProtocolSettings, evaluate
+    from core.protocol import BASELINES, EvalStack, Method, ProtocolSettings, evaluate, open_eval_stacks
 
     if args.mask_channel is None and not args.mask_file:
         raise OptionError("give --mask-channel M (ground truth inside the stack) or --mask-file FILE ... (one per stack)")
@@ -264,7 +320,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if value is not None and not low <= value <= high:
             raise OptionError(f"{option} {value} is outside {low}-{high}")
     csv_out = Path(args.csv) if args.csv else (Path(args.json).with_suffix(".csv") if args.json else None)
-    check_outputs(csv_out, args.json, overwrite=True, inputs=[*args.stacks, *(args.mask_file or [])])
+    inputs = [*args.stacks, *(args.mask_file or [])]
+    check_outputs(csv_out, args.json, overwrite=True, inputs=inputs)
     stacks = [
         EvalStack(Path(path), args.image_channel, mask_channel=args.mask_channel,
                   mask_path=Path(args.mask_file[i]) if args.mask_file else None)
@@ -284,37 +341,52 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     pipeline_methods = [m for m in methods if m.config is not None]
     if not methods:
         raise OptionError("nothing to evaluate: give --mode, --variant or --baseline")
-    backbones = [load_backbone_from_args(name, args) for name in (args.backbone or [None])] if pipeline_methods else []
     settings = ProtocolSettings(
         n_points=args.points, seeds=tuple(range(args.seeds)), n_slices=args.slices, skip_ends=args.skip_ends,
         margin_px=args.margin, settings=tuple(args.settings),
     )
-    result = evaluate(stacks, methods, backbones, settings, cache=open_cache(args),
-                      log=lambda message: print(message, file=sys.stderr))
-    for note in result.notes:
-        print(f"note: {note}", file=sys.stderr)
-    print(format_summary(result))
+    # every stack, channel, ground truth and slice choice is checked before any model loads (evaluate opens them again)
+    with open_eval_stacks(stacks, settings) as opened:
+        for entry in opened:
+            check_finite_slices(entry.image, entry.channel, 0, entry.z_values[:1])
+    with ExitStack() as outputs:
+        # evaluate has no --overwrite and always replaced its reports: a rerun refreshes them
+        csv_temp = outputs.enter_context(atomic_output(csv_out, overwrite=True, sources=inputs)) if csv_out else None
+        json_temp = outputs.enter_context(atomic_output(args.json, overwrite=True, sources=inputs)) if args.json else None
+        backbones = ([load_backbone_from_args(name, args, announce=False) for name in (args.backbone or [None])]
+                     if pipeline_methods else [])
+        for backbone in backbones:
+            for method in pipeline_methods:
+                check_patch_grid(method.config, backbone)
+        for backbone in backbones:
+            announce_backbone(backbone)
+        result = evaluate(stacks, methods, backbones, settings, cache=open_cache(args),
+                          log=lambda message: print(message, file=sys.stderr))
+        for note in result.notes:
+            print(f"note: {note}", file=sys.stderr)
+        print(format_summary(result))
+        if csv_temp is not None:
+            csv_temp.write_text(rows_csv_text(result.rows), encoding="utf-8")
+        if json_temp is not None:
+            payload = {
+                "command": "python -m core " + shlex.join(sys.argv[1:]),
+                "stacks": result.stacks,
+                "slices": result.slices,
+                "notes": result.notes,
+                "settings": dataclasses.asdict(settings),
+                "methods": {m.name: (m.config.as_dict() if m.config else "baseline") for m in methods},
+                "backbones": [b.label() for b in backbones],
+                "summary": result.summary(),
+                "transfer": {
+                    f"{m.name}|{b.spec.name if b else '-'}": _matrix_json(result.transfer_matrix(m.name, b.spec.name if b else "-"))
+                    for m in methods if not m.is_otsu_baseline for b in (backbones if m.config else [None])
+                },
+                "seconds": result.seconds,
+            }
+            json_temp.write_text(json.dumps(payload, indent=1, default=_json_default), encoding="utf-8")
     if csv_out is not None:
-        write_rows_csv(result.rows, csv_out)
         print(f"per-slice results: {csv_out}", file=sys.stderr)
     if args.json:
-        payload = {
-            "command": "python -m core " + shlex.join(sys.argv[1:]),
-            "stacks": result.stacks,
-            "slices": result.slices,
-            "notes": result.notes,
-            "settings": dataclasses.asdict(settings),
-            "methods": {m.name: (m.config.as_dict() if m.config else "baseline") for m in methods},
-            "backbones": [b.label() for b in backbones],
-            "summary": result.summary(),
-            "transfer": {
-                f"{m.name}|{b.spec.name if b else '-'}": _matrix_json(result.transfer_matrix(m.name, b.spec.name if b else "-"))
-                for m in methods if not m.is_otsu_baseline for b in (backbones if m.config else [None])
-            },
-            "seconds": result.seconds,
-        }
-        # evaluate has no --overwrite and always replaced its reports: a rerun refreshes them
-        write_text(args.json, json.dumps(payload, indent=1, default=_json_default), overwrite=True)
         print(f"summary: {args.json}", file=sys.stderr)
     return 0
 
@@ -331,14 +403,19 @@ def _matrix_json(matrix: dict) -> dict:
     return {ref: {target: {"mean": mean, "std": std} for target, (mean, std) in row.items()} for ref, row in matrix.items()}
 
 
-def write_rows_csv(rows: list[dict], path: Path, *, overwrite: bool = True) -> None:
-    """Write ``rows`` (dicts with the same keys) as CSV with a header, atomically; no rows -> an empty file."""
+def rows_csv_text(rows: list[dict]) -> str:
+    """``rows`` (dicts with the same keys) as CSV text with a header; no rows -> ''."""
     stream = io.StringIO(newline="")
     if rows:
         writer = csv.DictWriter(stream, fieldnames=list(rows[0].keys()))
         writer.writeheader()
         writer.writerows(rows)
-    write_text(path, stream.getvalue(), overwrite=overwrite)
+    return stream.getvalue()
+
+
+def write_rows_csv(rows: list[dict], path: Path, *, overwrite: bool = True) -> None:
+    """Write ``rows`` as CSV with a header (`rows_csv_text`), atomically; no rows -> an empty file."""
+    write_text(path, rows_csv_text(rows), overwrite=overwrite)
 
 
 def format_summary(result) -> str:

@@ -236,8 +236,8 @@ class SliceEmbedder:
     def embed(self, z: int) -> np.ndarray:
         """(h, w, D) float32 patch embeddings of slice z, read-only (memory first, then the disk cache).
 
-        With a disk cache, a freshly computed embedding is returned as the cache will give it back (rounded
-        through float16), so cached and fresh results are identical.
+        A freshly computed embedding is returned as the disk cache gives it back (rounded through float16),
+        with or without a cache, so results never depend on whether a slice came from the cache.
         """
         z = int(z)
         embedding = self._recall(z)
@@ -252,7 +252,7 @@ class SliceEmbedder:
                 embedding = self.backbone.embed(self.model_input(z))
                 if self.cache is not None:
                     self.cache.put(self.cache_key, z, embedding)
-                    embedding = embedding.astype(np.float16).astype(np.float32)
+                embedding = embedding.astype(np.float16).astype(np.float32)
             embedding.flags.writeable = False
             self._remember(z, embedding)
         return embedding
