@@ -75,3 +75,38 @@ def test_evaluate_report_may_not_be_an_input(inputs, capsys):
                  "--csv", str(stack)]) == 2
     one_error(capsys)
     assert digest(stack) == before
+
+
+def test_apply_warns_before_the_run_when_the_channel_is_far_off(tmp_path):
+    """A prototype made on 'Vessels' applied to a channel named 'Ground truth' (0/1 values): two warnings on
+    stderr before any progress, and the run still completes (a warning, not a refusal)."""
+    import json
+    import subprocess
+    import sys
+
+    from core.demo import make_demo
+
+    image, mask = make_demo(shape=(2, 64, 64), seed=1)
+    stack = tmp_path / "named.ome.tif"
+    tifffile.imwrite(stack, np.stack([image, mask.astype(np.uint16)], axis=1), metadata={
+        "axes": "ZCYX", "Channel": {"Name": ["Vessels", "Ground truth"]}})
+    rows, cols = np.nonzero(mask[0])
+    points = tmp_path / "points.json"
+    points.write_text(json.dumps({"positive": [[int(cols[0]), int(rows[0]), 0]], "negative": [[1, 1, 0]]}))
+    project = Path(__file__).resolve().parents[1]
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "core", *map(str, args)], cwd=project, capture_output=True,
+                              text=True, timeout=300)
+
+    made = cli("prototype", stack, "--points", points, "--out", tmp_path / "p.npz", "--channel", "0",
+               "--backbone", "filterbank", "--mode", "thesis", "--option", "image_size=126")
+    assert made.returncode == 0, made.stderr
+    same = cli("apply", stack, "--prototype", tmp_path / "p.npz", "--out", tmp_path / "a.tif", "--channel", "0")
+    assert same.returncode == 0 and "WARNING" not in same.stderr
+    other = cli("apply", stack, "--prototype", tmp_path / "p.npz", "--out", tmp_path / "b.tif", "--channel", "1")
+    assert other.returncode == 0, other.stderr
+    warnings = [line for line in other.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 2
+    assert "made on channel 'Vessels', this channel is 'Ground truth'" in warnings[0]
+    assert "far from those the prototype was made on" in warnings[1]

@@ -248,8 +248,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from core.batch import apply_prototype
     from core.features.embedding import SliceEmbedder
     from core.io import open_stack
+    from core.io.channels import channel_name
     from core.io.writers import TiffMaskWriter
-    from core.prototypes import load_prototype
+    from core.pipeline import target_intensity_range
+    from core.prototypes import load_prototype, target_warnings
     from core.thresholds import ThresholdSpec
     from core.zspec import parse_z_spec
 
@@ -276,6 +278,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
         print(f"stack: {stack.path.name} {stack.shape} (Z, C, Y, X), channel {channel}, {len(z_values)} slice(s); "
               f"{config.describe()}" + (f", threshold {threshold}" if threshold else ""), file=sys.stderr)
         embedder = SliceEmbedder(stack, channel, backbone, config.preprocess, cache=open_cache(args), timepoint=args.timepoint)
+        for warning in target_warnings(prototype, channel_name(stack, channel),
+                                       target_intensity_range(embedder, z_values[0])):
+            print(f"WARNING: {warning}", file=sys.stderr)
         progress = StderrProgress({"embed": "embed+score", "mask": "masks"})
         try:
             result = apply_prototype(embedder, prototype, z_values, lambda z, mask: writer.write(mask),
