@@ -132,14 +132,31 @@ def test_random_weights_are_loaded_and_flagged(app):
     assert app.session_state["home.backbone"].weights == "random"
 
 
-def test_missing_weights_say_what_to_do(app, tmp_path):
+def test_missing_weights_say_what_to_do(app, data_root):
+    (data_root / "weights").mkdir()
+    (data_root / "weights" / "broken.pth").write_bytes(b"not a checkpoint")
     app.selectbox(key="_w.home.backbone_name").set_value("dinov2_vits14").run()
     app.radio(key="_w.home.weights_kind").set_value("path").run()
-    app.text_input(key="_w.home.weights_path").input(str(tmp_path / "nothing.pth")).run()
+    app.text_input(key="_w.home.weights_path").input("weights/broken.pth").run()
     app.button(key="home.load_backbone").click().run()
     errors = texts(app, "error")
-    assert any("does not exist" in text and "Three ways to provide the weights" in text for text in errors)
+    assert len(errors) == 1 and "broken.pth" in errors[0], errors
     assert app.session_state["home.backbone"].name == "filterbank"  # the active backbone is unchanged
+    assert not app.exception
+
+
+@pytest.mark.parametrize("typed", ["/etc/passwd", "../outside.pth", "missing.pth"])
+def test_weights_are_read_only_inside_the_weights_root(app, data_root, typed):
+    """No user can make the server read or hash a file outside the data root (or PROTOSCOPE_WEIGHTS_DIR)."""
+    (data_root.parent / "outside.pth").write_bytes(b"secret")
+    app.selectbox(key="_w.home.backbone_name").set_value("dinov2_vits14").run()
+    app.radio(key="_w.home.weights_kind").set_value("path").run()
+    app.text_input(key="_w.home.weights_path").input(typed).run()
+    app.button(key="home.load_backbone").click().run()
+    errors = texts(app, "error")
+    assert len(errors) == 1 and errors[0].count("weights") >= 1 and str(data_root) in errors[0], errors
+    assert ("outside" in errors[0]) if typed != "missing.pth" else ("does not exist" in errors[0])
+    assert app.session_state["home.backbone"].name == "filterbank"
     assert not app.exception
 
 

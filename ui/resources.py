@@ -7,6 +7,7 @@ after its first computation, so clicks and threshold moves never re-embed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,12 @@ def backbone_choice() -> BackboneChoice:
 
 
 def load_choice(choice: BackboneChoice) -> Backbone:
-    """Load (or fetch from the resource cache) a backbone; BackboneError says how to get missing weights."""
+    """Load (or fetch from the resource cache) a backbone; BackboneError says how to get missing weights.
+
+    Local weights are read only from inside ``settings.weights_root()`` (ProtoscopeError otherwise), whether
+    the path was typed, restored from a workspace or imported with one."""
+    if choice.weights not in ("hub", "random") and choice.name != "filterbank":
+        choice = dataclasses.replace(choice, weights=str(settings.resolve_weights_path(choice.weights)))
     return _backbone(*backbone_key(choice))
 
 

@@ -35,6 +35,22 @@ def data_root() -> Path:
     return Path(text).expanduser().resolve() if text else (PROJECT_ROOT / "assets").resolve()
 
 
+def weights_root() -> Path:
+    """The resolved folder local weights may be loaded from: ``PROTOSCOPE_WEIGHTS_DIR`` (set by whoever runs the
+    server), else the data root. Nothing outside it is read or hashed on a user's request."""
+    text = os.environ.get("PROTOSCOPE_WEIGHTS_DIR", "").strip()
+    return Path(text).expanduser().resolve() if text else data_root()
+
+
+def resolve_weights_path(text: str | Path) -> Path:
+    """A weights folder or ``.pth`` typed by the user, resolved and checked to lie inside ``weights_root()``."""
+    try:
+        return resolve_in_root(text, weights_root())
+    except ProtoscopeError as error:
+        raise ProtoscopeError(f"weights: {error} (the server reads weights only from {weights_root()}; whoever runs "
+                              "it can set PROTOSCOPE_WEIGHTS_DIR)") from None
+
+
 def demo_dir() -> Path:
     text = os.environ.get("PROTOSCOPE_DEMO_DIR", "").strip()
     if text:
