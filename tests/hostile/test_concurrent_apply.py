@@ -29,7 +29,7 @@ from core.io import open_stack
 from core.pipeline import build_prototype
 from core.prototypes import PointSet, load_prototype
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 N_SLICES = 10
 N_PROCESSES = 6
 

@@ -29,7 +29,7 @@ from core.features.registry import (
 )
 from fake_hub import COMMIT, FakeHub, tiny_dinov2_files
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NAME = "dinov2_vits14"
 REPO = get_spec(NAME).hf_repo  # 'facebook/dinov2-small'
 WEIGHTS = "model.safetensors"
