@@ -249,3 +249,28 @@ def test_write_bytes_reports_a_folder_and_an_existing_file(tmp_path):
     with pytest.raises(StackError, match="is a folder"):
         write_bytes(tmp_path, b"2", overwrite=True)
     assert (tmp_path / "x.bin").read_bytes() == b"1"
+
+
+def test_a_failed_write_removes_the_folders_it_created_and_keeps_existing_ones(tmp_path):
+    existing = tmp_path / "kept"
+    existing.mkdir()
+    out = existing / "new" / "deeper" / "mask.tif"
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with atomic_output(out) as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("writer failed")
+    assert existing.is_dir() and list(existing.iterdir()) == []
+
+
+def test_a_failed_write_keeps_a_created_folder_that_something_else_filled(tmp_path):
+    out = tmp_path / "new" / "mask.tif"
+    with pytest.raises(RuntimeError):
+        with atomic_output(out) as tmp:
+            (tmp.parent / "other.txt").write_text("another writer's file")
+            raise RuntimeError("writer failed")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["other.txt"]
+
+
+def test_a_successful_write_into_new_folders_keeps_them(tmp_path):
+    out = write_bytes(tmp_path / "a" / "b" / "x.bin", b"1")
+    assert out.read_bytes() == b"1"

@@ -137,8 +137,14 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
-def _prepare_folder(folder: Path, out: Path) -> None:
-    """Create `folder` if missing; OutputError naming the folder when that fails."""
+def _prepare_folder(folder: Path, out: Path) -> list[Path]:
+    """Create `folder` if missing; OutputError naming the folder when that fails. Returns the folders this
+    call created, innermost first (removed again when the write fails, so a failed write leaves nothing)."""
+    created = []
+    missing = folder
+    while not missing.exists() and missing != missing.parent:
+        created.append(missing)
+        missing = missing.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -146,6 +152,16 @@ def _prepare_folder(folder: Path, out: Path) -> None:
     except OSError as exc:
         raise OutputError(f"cannot create the output folder '{folder}' ({_reason(exc)}); choose a folder you can "
                          "write to") from None
+    return created
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove the folders a failed write created (innermost first), where they are still empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _reserve(tmp: Path, out: Path) -> None:
@@ -174,7 +190,8 @@ def atomic_output(out_path: str | Path, *, overwrite: bool = False, source: Path
     Raises OutputError (naming the file or folder) if `out_path` is an input, is a folder, exists and not
     `overwrite`, or if its folder cannot be created or written; an OSError of the temp or output file
     while writing (full disk, permissions) becomes a OutputError naming `out_path`. Missing parent folders
-    are created. The yielded temp file exists (empty); writers may open it for writing or replace it.
+    are created, and removed again when the write fails. The yielded temp file exists (empty); writers may
+    open it for writing or replace it.
     """
     out = Path(out_path).expanduser()
     inputs = [Path(p).expanduser() for p in ([source] if source is not None else []) + list(sources)]
@@ -184,10 +201,14 @@ def atomic_output(out_path: str | Path, *, overwrite: bool = False, source: Path
     if out.exists() and not overwrite:
         raise OutputError(f"'{out}' already exists; choose another name or allow overwriting "
                          "(overwrite=True, CLI: --overwrite)")
-    _prepare_folder(out.parent, out)
+    created = _prepare_folder(out.parent, out)
     remove_stale_temps(out.parent)
     tmp = temp_path_for(out)
-    _reserve(tmp, out)
+    try:
+        _reserve(tmp, out)
+    except OutputError:
+        _remove_empty(created)
+        raise
     try:
         yield tmp
         try:
@@ -196,12 +217,14 @@ def atomic_output(out_path: str | Path, *, overwrite: bool = False, source: Path
             raise OutputError(f"cannot move the finished file into place as '{out}' ({_reason(exc)})") from None
     except OSError as exc:
         tmp.unlink(missing_ok=True)
+        _remove_empty(created)
         if _is_output_error(exc, tmp, out):
             hint = "; free some space or choose another folder" if exc.errno in _DISK_ERRNOS else ""
             raise OutputError(f"cannot write '{out}' ({_reason(exc)}){hint}") from None
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
+        _remove_empty(created)
         raise
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from core.errors import StackError
 from core.io.atomic import atomic_output
+from core.io.channels import PROTOSCOPE_MASK_NAME
 from core.io.ims import ImsLayout, ImsStack, float_attr, open_h5, put_str_attr
 from core.io.masks import as_mask_array, mask_to_uint8
 
@@ -218,7 +219,7 @@ def append_mask_channel(
     masks: Any,
     *,
     timepoint: int = 0,
-    channel_name: str = "Protoscope mask",
+    channel_name: str = PROTOSCOPE_MASK_NAME,
     color: Sequence[float] = (1.0, 0.0, 1.0),
     overwrite: bool = False,
     description: str = "",

@@ -19,6 +19,7 @@ import numpy as np
 from core.errors import StackError
 from core.io.atomic import atomic_output
 from core.io.base import VoxelSize
+from core.io.channels import PROTOSCOPE_MASK_NAME
 from core.io.ims_append import append_mask_channel
 from core.io.masks import as_mask_array, mask_to_uint8
 
@@ -69,7 +70,7 @@ def write_masks(
     voxel_size: VoxelSize | None = None,
     source_ims: Path | None = None,
     timepoint: int = 0,
-    channel_name: str = "Protoscope mask",
+    channel_name: str = PROTOSCOPE_MASK_NAME,
     color: Sequence[float] = (1.0, 0.0, 1.0),
     overwrite: bool = False,
     description: str = "",
