@@ -9,6 +9,10 @@ colliding entry), or that cannot be read, is never used: it is treated as a miss
 
 Several processes may share a directory: writes hold an exclusive ``flock`` on ``<digest>.lock`` and
 reads a shared one, and every access opens and closes the HDF5 file.
+
+Beside the embeddings, the same directory keeps best mode's per-stack pixel-feature statistics, one JSON file
+per `StatisticsKey` (``<digest>.stats.json``: the key and the (F,) mean and std as numbers; written atomically,
+so readers see the old file or the new one, never half of one).
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from core.errors import CacheError
+from core.errors import CacheError, OutputError
+from core.io.atomic import write_text
 
 _HEAD_BYTES = 4 * 1024 * 1024
 CACHE_FORMAT = "protoscope-embedding-cache-v1"
+STATS_FORMAT = "protoscope-pixel-statistics-v1"
 
 
 def default_cache_dir() -> Path:
@@ -71,6 +77,30 @@ class CacheKey:
 
     def as_json(self) -> str:
         return json.dumps({"format": CACHE_FORMAT, **asdict(self)}, sort_keys=True)
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.as_json().encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class StatisticsKey:
+    """What a stack's pixel-feature statistics depend on (best mode's standardisation).
+
+    file_signature : the stack's identity (`file_signature`). preprocess : the preprocessing signature,
+    stack-wide intensity range included. max_side : working resolution (px). filters : the filter bank's
+    signature. method : how the statistics were sampled (exact or a subsample, with its parameters).
+    """
+
+    file_signature: str
+    channel: int
+    timepoint: int
+    preprocess: str
+    max_side: int
+    filters: str
+    method: str
+
+    def as_json(self) -> str:
+        return json.dumps({"format": STATS_FORMAT, **asdict(self)}, sort_keys=True)
 
     def digest(self) -> str:
         return hashlib.sha256(self.as_json().encode()).hexdigest()[:32]
@@ -168,10 +198,41 @@ class EmbeddingCache:
         handle.attrs["key"] = key.as_json()
         return handle
 
+    # ---- per-stack pixel statistics ---------------------------------------------------------------------
+
+    def _statistics_path(self, key: StatisticsKey) -> Path:
+        return self.directory / f"{key.digest()}.stats.json"
+
+    def get_statistics(self, key: StatisticsKey) -> tuple[np.ndarray, np.ndarray] | None:
+        """Stored (mean, std), each (F,) float32, or None (missing, stale, unreadable or malformed)."""
+        try:
+            record = json.loads(self._statistics_path(key).read_text(encoding="utf-8"))
+            if record.get("key") != json.loads(key.as_json()):
+                return None
+            mean = np.asarray(record["mean"], dtype=np.float32)
+            std = np.asarray(record["std"], dtype=np.float32)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return None
+        if mean.ndim != 1 or mean.shape != std.shape or not (np.isfinite(mean).all() and np.isfinite(std).all()):
+            return None
+        return mean, std
+
+    def put_statistics(self, key: StatisticsKey, mean: np.ndarray, std: np.ndarray) -> None:
+        """Store (F,) mean and std; float32 values survive the JSON round trip exactly."""
+        mean32, std32 = np.asarray(mean, np.float32).ravel(), np.asarray(std, np.float32).ravel()
+        if mean32.shape != std32.shape:
+            raise ValueError(f"mean and std differ in length: {mean32.shape} vs {std32.shape}")
+        record = {"key": json.loads(key.as_json()), "mean": [float(v) for v in mean32],
+                  "std": [float(v) for v in std32]}
+        try:
+            write_text(self._statistics_path(key), json.dumps(record), overwrite=True)
+        except (OutputError, OSError) as error:
+            raise CacheError(f"cannot write the statistics cache file {self._statistics_path(key)}: {error}") from None
+
     def clear(self) -> int:
         """Delete every cache file in the directory; returns how many were removed."""
         removed = 0
-        for path in self.directory.glob("*.h5"):
+        for path in [*self.directory.glob("*.h5"), *self.directory.glob("*.stats.json")]:
             path.unlink(missing_ok=True)
             removed += 1
         for path in self.directory.glob("*.lock"):
@@ -179,4 +240,4 @@ class EmbeddingCache:
         return removed
 
     def size_bytes(self) -> int:
-        return sum(path.stat().st_size for path in self.directory.glob("*.h5"))
+        return sum(path.stat().st_size for pattern in ("*.h5", "*.stats.json") for path in self.directory.glob(pattern))

@@ -173,15 +173,7 @@ class Stack:
         Raises StackError (naming the file and the valid range) for out-of-range indices and for
         unreadable data.
         """
-        self._check_open()
-        c = self.resolve_channel(channel)
-        t = self._check_timepoint(timepoint)
-        lv = self._check_level(level)
-        n_z = self._level_shapes[lv][0]
-        zz = _as_index(z, "z", self)
-        if not 0 <= zz < n_z:
-            where = f" at level {lv}" if self.n_levels > 1 else ""
-            raise StackError(f"slice z={zz} requested but '{self.name}' has z 0..{n_z - 1}{where}")
+        zz, c, t, lv = self._check_plane(z, channel, timepoint, level)
         plane = self._read_plane(zz, c, t, lv)
         return np.ascontiguousarray(plane)
 
@@ -206,6 +198,39 @@ class Stack:
             raise StackError(f"slice z={bad[0]} requested but '{self.name}' has z 0..{n_z - 1}{where}")
         for z, plane in self._iter_planes(zs, c, t, lv, max_bytes):
             yield z, np.ascontiguousarray(plane)
+
+    def read_region(self, z: int, channel: int = 0, *, rows: tuple[int, int], cols: tuple[int, int],
+                    timepoint: int = 0, level: int = 0) -> np.ndarray:
+        """Read part of one plane: (y1 - y0, x1 - x0) array in the native dtype, rows y0..y1-1, columns x0..x1-1.
+
+        rows, cols : (start, stop) in pixels at that level, 0 <= start < stop <= Y (or X).
+        Same checks and errors as `read_slice`. Chunked formats (.ims) decode only the chunks the region
+        touches (for 32-deep chunks still 32 planes of them); others read the plane and crop it.
+        """
+        zz, c, t, lv = self._check_plane(z, channel, timepoint, level)
+        _, n_y, n_x = self._level_shapes[lv]
+        bounds = []
+        for what, span, size in (("rows", rows, n_y), ("columns", cols, n_x)):
+            if not isinstance(span, (tuple, list)) or len(span) != 2:
+                raise StackError(f"{what} must be (start, stop) pixels, got {span!r} (for '{self.name}')")
+            start, stop = (_as_index(v, what, self) for v in span)
+            if not 0 <= start < stop <= size:
+                raise StackError(f"{what} {start}..{stop - 1} requested but '{self.name}' has {what} 0..{size - 1}"
+                                 f"{f' at level {lv}' if self.n_levels > 1 else ''}")
+            bounds.extend((start, stop))
+        y0, y1, x0, x1 = bounds
+        return np.ascontiguousarray(self._read_region(zz, c, t, lv, y0, y1, x0, x1))
+
+    def plane_is_cheap(self, z: int, channel: int = 0, *, timepoint: int = 0, level: int = 0) -> bool:
+        """Whether `read_slice` returns this plane without decompressing more than the plane itself.
+
+        True for formats that store one plane per page or file (TIFF, images); an .ims reader answers
+        whether the plane's z-chunk is already decoded in memory (or too small to matter). Lets a viewer
+        show a preview first instead of waiting (`core.io.preview.view_plane`). Never reads pixels.
+        Raises StackError for out-of-range indices, as `read_slice`.
+        """
+        self._check_plane(z, channel, timepoint, level)
+        return True
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary (used by `python -m core info --json`)."""
@@ -265,6 +290,9 @@ class Stack:
         for z in zs:
             yield z, self._read_plane(z, c, t, level)
 
+    def _read_region(self, z: int, c: int, t: int, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        return self._read_plane(z, c, t, level)[y0:y1, x0:x1]
+
     def _close(self) -> None:
         pass
 
@@ -273,6 +301,19 @@ class Stack:
     def _check_open(self) -> None:
         if self._closed:
             raise StackError(f"'{self.name}' was closed; open it again with open_stack")
+
+    def _check_plane(self, z: int, channel: int, timepoint: int, level: int) -> tuple[int, int, int, int]:
+        """(z, channel, time point, level) checked as `read_slice` documents; StackError otherwise."""
+        self._check_open()
+        c = self.resolve_channel(channel)
+        t = self._check_timepoint(timepoint)
+        lv = self._check_level(level)
+        n_z = self._level_shapes[lv][0]
+        zz = _as_index(z, "z", self)
+        if not 0 <= zz < n_z:
+            where = f" at level {lv}" if self.n_levels > 1 else ""
+            raise StackError(f"slice z={zz} requested but '{self.name}' has z 0..{n_z - 1}{where}")
+        return zz, c, t, lv
 
     def _check_timepoint(self, timepoint: int) -> int:
         t = _as_index(timepoint, "time point", self)
