@@ -1,11 +1,23 @@
 """Which torch device and which precision the feature backbones run on.
 
-Automatic choice: CUDA, then Apple MPS, then the CPU. Precision: autocast to bfloat16 on a CUDA GPU that
-supports it (float16 otherwise); float32 on MPS (autocast there is untested on our machines); on the CPU,
-bfloat16 autocast only where this CPU runs bfloat16 matmuls clearly faster than float32.
+Automatic choice: CUDA, then Apple MPS, then the CPU. Precision: ``bf16-weights`` (the model converted once to
+bfloat16) on a CUDA GPU that supports bf16 (``fp16-autocast`` otherwise); float32 on MPS (16-bit there is
+untested on our machines); on the CPU, ``bf16-weights`` only where this CPU runs bfloat16 matmuls clearly faster
+than float32, else ``fp32``.
 
-Why the CPU choice is measured rather than assumed: on one of our 2-core VMs (with AVX-512 BF16) bf16
-autocast ran ViT-S/14 at 980 px in 3.2 s against 9.5 s in fp32, while on another (AMD EPYC, AVX2 only,
+Precisions (``PRECISIONS``):
+
+- ``fp32``: weights and activations in float32.
+- ``bf16-weights``: weights, activations and the residual stream in bfloat16, converted once at load; layer
+  norms and softmax accumulate in float32 inside their kernels, and transformers resizes the position embeddings
+  in float32. On a 2-core AMX VM ViT-S/14 at 980 px ran 1.05-1.1x faster than ``bf16-autocast`` (which
+  re-casts every weight and activation on each call) on one thread and ~1.45x on two; tokens stay within
+  cosine 0.9999 of fp32 (random ViT-S at 980 px; docs/backbones.md).
+- ``bf16-autocast`` (alias ``bf16``), ``fp16-autocast``: float32 weights, matmuls autocast to 16 bits, the
+  residual stream in float32. Kept for comparison and for GPUs without bf16.
+
+Why the CPU choice is measured rather than assumed: on one of our 2-core VMs (with AVX-512 BF16 and AMX)
+bf16 ran ViT-S/14 at 980 px 3-4x faster than fp32, while on another (AMD EPYC, AVX2 only,
 no AVX-512) bf16 matmuls ran at 0.2-4 GFLOP/s against 80 GFLOP/s in fp32 and ViT-S/14 at 980 px took
 36.5 s in bf16 autocast against 13.6 s in fp32. The probe (``cpu_bf16_is_faster``) is skipped when oneDNN
 reports no bf16 support, and otherwise costs ~0.1 s once per process.
@@ -24,6 +36,7 @@ from core.errors import BackboneError
 __all__ = [
     "PRECISIONS",
     "cpu_bf16_is_faster",
+    "compute_dtypes",
     "default_precision",
     "describe_device",
     "normalize_precision",
@@ -31,9 +44,12 @@ __all__ = [
 ]
 
 #: Precisions a DINOv2 backbone accepts ('numpy' is the filter bank's).
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16-autocast", "fp16-autocast")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16-weights", "bf16-autocast", "fp16-autocast")
 _PRECISION_ALIASES = {"float32": "fp32", "bf16": "bf16-autocast", "bfloat16": "bf16-autocast",
                       "fp16": "fp16-autocast", "float16": "fp16-autocast", "half": "fp16-autocast"}
+#: precision -> (dtype of the weights and activations, autocast dtype or None)
+_DTYPES = {"fp32": (torch.float32, None), "bf16-weights": (torch.bfloat16, None),
+           "bf16-autocast": (torch.float32, torch.bfloat16), "fp16-autocast": (torch.float32, torch.float16)}
 #: bf16 must beat fp32 by this factor in the probe to become the CPU default (a clear win, not noise).
 _CPU_BF16_MIN_SPEEDUP = 1.3
 
@@ -82,7 +98,10 @@ def select_device(preference: str | torch.device | None = None) -> torch.device:
 
 
 def normalize_precision(precision: str) -> str:
-    """Canonical precision name: 'fp32' | 'bf16-autocast' | 'fp16-autocast' (accepts 'bf16', 'fp16', ...)."""
+    """Canonical precision name: 'fp32' | 'bf16-weights' | 'bf16-autocast' | 'fp16-autocast'.
+
+    Accepts the aliases 'float32', 'bf16' / 'bfloat16' (autocast), 'fp16' / 'float16' / 'half' (autocast).
+    """
     text = str(precision).strip().lower()
     text = _PRECISION_ALIASES.get(text, text)
     if text not in PRECISIONS:
@@ -90,14 +109,26 @@ def normalize_precision(precision: str) -> str:
     return text
 
 
+def compute_dtypes(precision: str) -> tuple[torch.dtype, torch.dtype | None]:
+    """(dtype the model's weights and activations are kept in, autocast dtype or None) of a precision.
+
+    >>> compute_dtypes("bf16-weights")
+    (torch.bfloat16, None)
+    """
+    return _DTYPES[normalize_precision(precision)]
+
+
 def _matmul_seconds(dtype: torch.dtype, size: int, repeats: int) -> float:
+    """Fastest of ``repeats`` (size x size) products: the minimum is what the CPU can do when not interrupted."""
     a = torch.randn(size, size).to(dtype)
     b = torch.randn(size, size).to(dtype)
     torch.mm(a, b)  # warm-up: first call selects kernels
-    start = time.perf_counter()
+    times = []
     for _ in range(repeats):
+        start = time.perf_counter()
         torch.mm(a, b)
-    return (time.perf_counter() - start) / repeats
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 @functools.lru_cache(maxsize=1)
@@ -116,23 +147,23 @@ def cpu_bf16_is_faster() -> bool:
             return False
     except RuntimeError:
         return False
-    with torch.inference_mode():
-        fp32 = _matmul_seconds(torch.float32, 512, 3)
-        bf16 = _matmul_seconds(torch.bfloat16, 512, 3)
+    with torch.inference_mode():  # shared machines: the fastest of 5 products each
+        fp32 = _matmul_seconds(torch.float32, 512, 5)
+        bf16 = _matmul_seconds(torch.bfloat16, 512, 5)
     return fp32 / bf16 >= _CPU_BF16_MIN_SPEEDUP
 
 
 def default_precision(device: torch.device | str) -> str:
     """The precision a DINOv2 backbone uses on ``device`` unless told otherwise.
 
-    CUDA: 'bf16-autocast' (or 'fp16-autocast' on GPUs without bf16); MPS: 'fp32';
-    CPU: 'bf16-autocast' when ``cpu_bf16_is_faster()``, else 'fp32'.
+    CUDA: 'bf16-weights' (or 'fp16-autocast' on GPUs without bf16); MPS: 'fp32';
+    CPU: 'bf16-weights' when ``cpu_bf16_is_faster()``, else 'fp32'.
     """
     device = torch.device(device)
     if device.type == "cuda":
-        return "bf16-autocast" if torch.cuda.is_bf16_supported() else "fp16-autocast"
+        return "bf16-weights" if torch.cuda.is_bf16_supported() else "fp16-autocast"
     if device.type == "cpu":
-        return "bf16-autocast" if cpu_bf16_is_faster() else "fp32"
+        return "bf16-weights" if cpu_bf16_is_faster() else "fp32"
     return "fp32"
 
 

@@ -398,7 +398,7 @@ def test_filterbank_backbone():
 def test_devices():
     assert select_device("cpu") == torch.device("cpu")
     assert select_device(None).type in ("cpu", "cuda", "mps")
-    assert default_precision("cpu") in ("fp32", "bf16-autocast")
+    assert default_precision("cpu") in ("fp32", "bf16-weights")
     assert describe_device("cpu") == f"CPU ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
     with pytest.raises(BackboneError, match="'tpu'"):
         select_device("tpu")

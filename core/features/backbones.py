@@ -33,6 +33,10 @@ models). At 518 px Meta's code, timm and transformers give identical tokens; at 
 models differ from Meta's (which resizes by a scale factor with a 0.1 offset) by a token cosine
 >= 0.9994. The method is part of ``Backbone.signature()``.
 
+Precision (``core.devices``; docs/backbones.md): 'fp32', 'bf16-weights' (the model converted to bfloat16 once,
+when the ``Backbone`` is built: the default where bf16 matmuls are fast), 'bf16-autocast', 'fp16-autocast'.
+It is part of ``Backbone.signature()``, so embeddings of different precisions never share a cache entry.
+
 Loading is pure: ``load_backbone`` builds a new model on each call (the app wraps it in
 ``st.cache_resource``). ``get_backbone`` is the process-level memo for scripts and the CLI.
 """
@@ -51,7 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.devices import default_precision, describe_device, normalize_precision, select_device
+from core.devices import compute_dtypes, default_precision, describe_device, normalize_precision, select_device
 from core.errors import BackboneError
 from core.features import filterbank
 from core.features.registry import (
@@ -422,12 +426,16 @@ class Backbone:
         return f"<Backbone {self.label()}>"
 
 
-_PRECISION_SHORT = {"fp32": "fp32", "bf16-autocast": "bf16", "fp16-autocast": "fp16", "numpy": "numpy"}
-_AUTOCAST_DTYPE = {"bf16-autocast": torch.bfloat16, "fp16-autocast": torch.float16}
+_PRECISION_SHORT = {"fp32": "fp32", "bf16-weights": "bf16", "bf16-autocast": "bf16 autocast",
+                    "fp16-autocast": "fp16 autocast", "numpy": "numpy"}
 
 
 class Dinov2Backbone(Backbone):
-    """A transformers DINOv2 model with its weights, device and precision (see ``Backbone``)."""
+    """A transformers DINOv2 model with its weights, device and precision (see ``Backbone``).
+
+    ``precision`` is fixed at construction: for 'bf16-weights' the model is converted to bfloat16 in place
+    (``model`` is then the bf16 module); the other precisions keep float32 weights.
+    """
 
     def __init__(self, spec: BackboneSpec, model: torch.nn.Module, weights_id: str, weights_text: str, *,
                  is_random: bool, device: torch.device, precision: str) -> None:
@@ -437,7 +445,12 @@ class Dinov2Backbone(Backbone):
         self._weights_text = weights_text
         self.is_random = is_random
         self.device = device
-        self.precision = precision
+        self.precision = normalize_precision(precision)
+        self._dtype, self._autocast = compute_dtypes(self.precision)
+        if self._dtype != torch.float32:
+            # converted once: autocast would re-cast every weight on every call, and its float32 residual
+            # stream costs a cast before and after every matmul (docs/backbones.md, "Device and precision")
+            model.to(self._dtype)
         config = model.config
         self.embed_dim = int(config.hidden_size)
         patch = config.patch_size
@@ -463,10 +476,9 @@ class Dinov2Backbone(Backbone):
         count, height, width = images01.shape
         grey = torch.from_numpy(images01).to(self.device)[:, None]
         pixels = (grey.expand(-1, 3, -1, -1) - self._mean) / self._std  # grey -> RGB, ImageNet normalisation
-        dtype = _AUTOCAST_DTYPE.get(self.precision)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype or torch.float32,
-                                                    enabled=dtype is not None):
-            tokens = self.model(pixel_values=pixels).last_hidden_state
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self._autocast or torch.float32,
+                                                    enabled=self._autocast is not None):
+            tokens = self.model(pixel_values=pixels.to(self._dtype)).last_hidden_state
         patches = tokens[:, 1 + self.registers:, :].float()
         grid = patches.reshape(count, height // self.patch_size, width // self.patch_size, self.embed_dim)
         return grid.cpu().numpy()
@@ -777,7 +789,8 @@ def load_backbone(name: str, weights: str = "hub", *, device: str | None = None,
     weights : 'hub' (Hugging Face cache, downloads once if the hub is reachable), 'random' (seeded, timing only)
         or a path to a Hugging Face model folder or Meta's ``*_pretrain.pth``. Ignored for 'filterbank'.
     device : None/'auto' (CUDA, MPS, CPU), 'cpu', 'cuda', 'cuda:N', 'mps'. Ignored for 'filterbank'.
-    precision : None (``core.devices.default_precision``), 'fp32', 'bf16-autocast' or 'fp16-autocast'.
+    precision : None (``core.devices.default_precision``), 'fp32', 'bf16-weights' (the model converted to
+        bfloat16), 'bf16-autocast' or 'fp16-autocast'.
     seed : for 'random' weights.
     config_overrides : tests/benchmarks: config fields of a tiny model of the same architecture (random),
         or fields a .pth cannot tell (num_attention_heads); a folder's config.json is used as it is.
