@@ -186,6 +186,7 @@ def apply_prototype(
     voxel_size: "VoxelSize | None" = None,
     on_progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    scorer: Scorer | None = None,
 ) -> BatchResult:
     """Segment ``z_values`` (in that order) with ``prototype`` and pass each (Y, X) bool mask to ``sink(z, mask)``.
 
@@ -193,9 +194,11 @@ def apply_prototype(
     would not stay in memory until used, see ``embeds_ahead``); phase 'mask' scores, smooths along z,
     thresholds and hands each mask to the sink. Score maps are kept only for the
     z window that smoothing needs.
+    scorer : ``Scorer(prototype, config)`` made once by a caller that runs many batches (core.cluster's block
+        writers), so best mode's classifier is not fitted again per batch.
     """
     plan = plan_batch(embedder, prototype, z_values, config=config)
-    scorer = Scorer(prototype, config)
+    scorer = scorer if scorer is not None else Scorer(prototype, config)
     config = scorer.config
     started = time.perf_counter()
     result = BatchResult(z_values=list(z_values))

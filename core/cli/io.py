@@ -34,12 +34,13 @@ def register(subparsers: Any) -> None:
     info.set_defaults(func=cmd_info)
 
     export = subparsers.add_parser(
-        "export", help="extract slices of one channel as a TIFF stack",
+        "export", help="extract slices of one channel as a TIFF stack, or convert OME-Zarr masks",
         description="Extract slices of one channel as a multi-page TIFF in the stack's own pixel type "
                     "(ImageJ TIFF with voxel size; .ome.tif gives OME-TIFF). Use --z=-5: (with '=') for a "
-                    "selection that starts with '-'.",
+                    "selection that starts with '-'. Given the OME-Zarr masks of 'apply', writes them whole as "
+                    ".tif, .ome.tif, .h5, or an Imaris copy (.ims, with --source-ims).",
     )
-    export.add_argument("stack", help="stack file or image folder")
+    export.add_argument("stack", help="stack file, image folder, or OME-Zarr masks of 'apply'")
     export.add_argument("--channel", "-c", type=int, default=0,
                         help="channel index; negatives count from the end (-1 last, -2 penultimate). Default 0")
     export.add_argument("--z", default="all",
@@ -47,8 +48,11 @@ def register(subparsers: Any) -> None:
                              "(default)")
     export.add_argument("--timepoint", "-t", type=int, default=0, help="time point (default 0)")
     export.add_argument("--level", type=int, default=0, help="resolution level, 0 = full (default 0)")
-    export.add_argument("--out", "-o", required=True, help="output .tif/.tiff or .ome.tif")
+    export.add_argument("--out", "-o", required=True,
+                        help="output .tif/.tiff or .ome.tif (OME-Zarr masks: also .h5, .ims)")
     export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    export.add_argument("--source-ims", default=None, metavar="IMS",
+                        help="OME-Zarr masks to --out NAME.ims: the .ims they were made from (copied, mask added)")
     export.set_defaults(func=cmd_export)
 
 
@@ -162,8 +166,13 @@ def export_slices(stack: Any, out: Path, z_values: list[int], *, channel: int = 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from core.io import open_stack
+    from core.io.ome_zarr import is_mask_store
     from core.zspec import parse_z_spec
 
+    if is_mask_store(args.stack):  # masks of `apply --out NAME.ome.zarr`
+        from core.cli.pipeline import export_mask_store
+
+        return export_mask_store(args)
     out = Path(args.out)
     with open_stack(args.stack) as stack:
         n_z = stack.level_shape(args.level)[0]

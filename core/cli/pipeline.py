@@ -1,4 +1,4 @@
-"""CLI commands of the prototype pipeline: ``prototype``, ``apply``, ``evaluate`` and ``demo``.
+"""CLI commands of the prototype pipeline: ``prototype``, ``apply``, ``embed``, ``evaluate`` and ``demo``.
 
 Each command checks everything it can before loading a backbone or printing anything (points, prototype files,
 options, thresholds, the slice selection, the channel and time point, that the slices hold finite pixels, the patch
@@ -51,6 +51,18 @@ def add_cache_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", default=None, metavar="DIR",
                         help="embedding cache folder (default: $PROTOSCOPE_CACHE or ~/.cache/protoscope/embeddings)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+
+
+def add_cluster_options(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="run on N worker processes started on this machine (a Dask LocalCluster)")
+    where.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="run on the workers of a running Dask scheduler, e.g. tcp://host:8786; they must see the "
+                            "stacks, outputs and cache at the same paths")
+    parser.add_argument("--block-slices", type=int, default=None, metavar="N",
+                        help="slices per task, a whole number of the file's z-chunks (default about 16, at least "
+                             "one chunk)")
 
 
 def open_cache(args: argparse.Namespace):
@@ -244,7 +256,23 @@ def backbone_for_prototype(prototype, args: argparse.Namespace, *, before_announ
     return backbone
 
 
+def is_zarr_name(path: str | Path) -> bool:
+    """Whether ``path`` names an OME-Zarr folder ('.zarr', by convention '.ome.zarr')."""
+    return Path(path).name.lower().endswith(".zarr")
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
+    """One stack to a TIFF in this process (as always), or stacks to OME-Zarr, here or on Dask workers."""
+    cluster = args.workers is not None or args.scheduler is not None
+    if len(args.stacks) == 1 and not is_zarr_name(args.out):
+        if cluster:
+            raise OptionError("--workers and --scheduler write OME-Zarr: give --out NAME.ome.zarr")
+        args.stack = args.stacks[0]
+        return _apply_tiff(args)
+    return _apply_ome_zarr(args)
+
+
+def _apply_tiff(args: argparse.Namespace) -> int:
     from core.batch import apply_prototype
     from core.features.embedding import SliceEmbedder
     from core.io import open_stack
@@ -296,6 +324,254 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def backbone_recipe(name: str, args: argparse.Namespace, weights_id: str | None = None):
+    """How workers load the backbone this command uses: the prototype's weights (``weights_id``) unless --weights or
+    --backbone-config say otherwise (as ``backbone_for_prototype`` decides), on --device (default: each worker's
+    best)."""
+    from core.cluster import BackboneRecipe
+
+    weights, seed, overrides = weights_for_prototype(weights_id) if weights_id is not None else (args.weights, 0, None)
+    if args.weights != "hub" or args.backbone_config:
+        weights, overrides = args.weights, None
+    if overrides is None and args.backbone_config:
+        try:
+            overrides = json.loads(args.backbone_config)
+        except json.JSONDecodeError as error:
+            raise OptionError(f"--backbone-config is not valid JSON: {error}") from None
+    return BackboneRecipe(name, weights, seed, overrides, args.device)
+
+
+def apply_outputs(stacks: Sequence[str], out: Path, areas: str | None) -> list[tuple[Path, Path, Path | None]]:
+    """(stack, OME-Zarr output, areas CSV or None) per stack: one stack writes ``out`` (and ``areas``); several write
+    ``out/<stack>.ome.zarr`` and ``out/<stack>.areas.csv`` each. OptionError for names that cannot work."""
+    from core.io import stack_label
+
+    if len(stacks) == 1:
+        return [(Path(stacks[0]), out, Path(areas) if areas else None)]
+    if is_zarr_name(out) or out.suffix.lower() in (".tif", ".tiff"):
+        raise OptionError(f"{len(stacks)} stacks write one OME-Zarr each: give --out a folder (it receives "
+                          f"<stack>.ome.zarr and <stack>.areas.csv per stack), not '{out.name}'")
+    if areas:
+        raise OptionError("with several stacks each one's areas go beside its masks (<stack>.areas.csv in --out); "
+                          "drop --areas")
+    seen: dict[str, str] = {}
+    rows = []
+    for stack in stacks:
+        label = stack_label(stack)
+        if label in seen:
+            raise OptionError(f"'{stack}' and '{seen[label]}' would both write {label}.ome.zarr in {out}; run them "
+                              "into separate folders")
+        seen[label] = stack
+        rows.append((Path(stack), out / f"{label}.ome.zarr", out / f"{label}.areas.csv"))
+    return rows
+
+
+class SliceBar:
+    """One tqdm bar on stderr counting slices (tqdm shows the rate and the ETA)."""
+
+    def __init__(self, total: int, description: str) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=description, unit="slice", file=sys.stderr, leave=True, dynamic_ncols=True)
+
+    def update(self, count: int = 1) -> None:
+        self.bar.update(count)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def uses_cluster(args: argparse.Namespace) -> bool:
+    return args.workers is not None or args.scheduler is not None
+
+
+def check_block_slices(args: argparse.Namespace) -> None:
+    if args.block_slices is not None and not 1 <= args.block_slices <= 4096:
+        raise OptionError(f"--block-slices must be 1-4096 slices, got {args.block_slices}")
+
+
+def _cluster_from_args(args: argparse.Namespace):
+    from core.cluster import Cluster
+
+    cluster = Cluster(workers=args.workers, scheduler=args.scheduler)
+    print(f"cluster: {cluster.address}, {cluster.n_workers} worker(s)"
+          + (" (started here)" if args.workers is not None else ""), file=sys.stderr)
+    return cluster
+
+
+def _apply_ome_zarr(args: argparse.Namespace) -> int:
+    from core.cluster import prepare_apply, read_result, request_cancel, run_apply_here, submit_apply
+    from core.features.embedding import SliceEmbedder
+    from core.io import open_stack
+    from core.io.channels import channel_name
+    from core.pipeline import target_intensity_range
+    from core.prototypes import load_prototype, target_warnings
+    from core.thresholds import ThresholdSpec
+    from core.zspec import parse_z_spec
+
+    check_block_slices(args)
+    prototype = load_prototype(args.prototype)
+    rows = apply_outputs(args.stacks, Path(args.out), args.areas)
+    inputs = (*args.stacks, args.prototype)
+    for _, zarr_path, areas_path in rows:
+        # an existing output of the same run is resumed, and its areas table rewritten from it
+        check_outputs(zarr_path, areas_path, overwrite=True, inputs=inputs)
+        resumed = zarr_path.exists() and not args.overwrite
+        if areas_path is not None and areas_path.exists() and not (args.overwrite or resumed or len(rows) > 1):
+            raise OutputError(f"{areas_path} already exists; choose another name or add --overwrite")
+    config = prototype.config.with_options(**parse_option_assignments(args.option))
+    threshold = ThresholdSpec.parse(args.threshold) if args.threshold else None
+    requested = getattr(args, "backbone", None)
+    if requested is not None and requested != prototype.backbone:
+        backbone_for_prototype(prototype, args)  # refuses it, before any work
+    recipe = backbone_recipe(prototype.backbone, args, prototype.weights_id)
+    with ExitStack() as scope:
+        checked = []
+        for stack_path, zarr_path, areas_path in rows:
+            stack = scope.enter_context(open_stack(stack_path))
+            channel = default_image_channel(stack, args.channel)
+            check_timepoint(stack, args.timepoint)
+            z_values = parse_z_spec(args.z, stack.shape[0])
+            check_finite_slices(stack, channel, args.timepoint, z_values[:1])
+            checked.append((stack, channel, z_values, zarr_path, areas_path))
+        cluster = scope.enter_context(_cluster_from_args(args)) if uses_cluster(args) else None
+        backbone = backbone_for_prototype(prototype, args, before_announcing=lambda b: check_patch_grid(config, b))
+        cache = open_cache(args)
+        targets = []
+        for stack, channel, z_values, zarr_path, areas_path in checked:
+            print(f"stack: {stack.path.name} {stack.shape} (Z, C, Y, X), channel {channel}, {len(z_values)} slice(s); "
+                  f"{config.describe()}" + (f", threshold {threshold}" if threshold else ""), file=sys.stderr)
+            embedder = SliceEmbedder(stack, channel, backbone, config.preprocess, cache=cache, timepoint=args.timepoint)
+            for warning in target_warnings(prototype, channel_name(stack, channel),
+                                           target_intensity_range(embedder, z_values[0])):
+                print(f"WARNING: {warning}", file=sys.stderr)
+            target = prepare_apply(embedder, prototype, zarr_path, z_values=z_values, backbone=recipe, config=config,
+                                   threshold=threshold, block_slices=args.block_slices, overwrite=args.overwrite,
+                                   sources=inputs)
+            done = len(target.store.finished_blocks() & {b.index for b in target.blocks()})
+            if done:
+                print(f"resuming {zarr_path}: {done} of {len(target.blocks())} blocks are already finished",
+                      file=sys.stderr)
+            targets.append((target, areas_path))
+        cache_dir = str(cache.directory.resolve()) if cache is not None else None
+        stores = [target for target, _ in targets]
+        todo = sum(len(b.z_values) for t in stores for b in t.blocks() if b.index not in t.store.finished_blocks())
+        bar = SliceBar(todo, "masks")
+        try:
+            if cluster is not None:
+                run = submit_apply(stores, cluster, cache_dir=cache_dir, device=args.device)
+                try:
+                    run.wait(on_block=lambda outcome: bar.update(outcome.slices))
+                except KeyboardInterrupt:
+                    run.cancel()
+                    raise
+            else:
+                run = run_apply_here(stores, cache_dir=cache_dir, device=args.device, backbone=backbone,
+                                     on_slice=bar.update)
+        except KeyboardInterrupt:
+            for target in stores:
+                request_cancel(target.store.path)
+            bar.close()
+            print("stopped: the finished blocks are kept; run the same command again to resume", file=sys.stderr)
+            raise
+        finally:
+            bar.close()
+    skipped = sum(1 for o in run.outcomes if o.status == "skipped")
+    print(f"{len(run.computed)} block(s) computed" + (f", {skipped} were already finished" if skipped else ""),
+          file=sys.stderr)
+    for target, areas_path in targets:
+        result = read_result(target.store.path)
+        if areas_path is not None:
+            write_text(areas_path, result.to_csv(), overwrite=True)
+        volume = result.volume_um3
+        state = "" if not result.cancelled else " (unfinished: run the same command again to resume)"
+        print(f"wrote {target.store.path}: {len(result.area_px)} slice(s), {result.volume_voxels} mask voxels"
+              + (f", volume {volume:.6g} µm³" if volume is not None else "") + state)
+    return 0
+
+
+# ---- embed --------------------------------------------------------------------------------------------
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from core.cluster import EmbedJob, block_slices_for, plan_blocks, run_embed, z_chunk_depth
+    from core.features.embedding import SliceEmbedder
+    from core.io import open_stack
+    from core.prototypes import load_prototype
+    from core.zspec import parse_z_spec
+
+    check_block_slices(args)
+    prototype = load_prototype(args.prototype) if args.prototype else None
+    if prototype is not None:
+        if args.backbone is not None and args.backbone != prototype.backbone:
+            raise OptionError(f"--backbone {args.backbone} disagrees with the prototype, which was made with "
+                              f"{prototype.backbone}; drop one of them")
+        config = prototype.config.with_options(**parse_option_assignments(args.option))
+    else:
+        config = PipelineConfig.for_mode(args.mode).with_options(**parse_option_assignments(args.option))
+    cache = open_cache(args)
+    with ExitStack() as scope:
+        checked = []
+        for path in args.stacks:
+            stack = scope.enter_context(open_stack(path))
+            channel = default_image_channel(stack, args.channel)
+            check_timepoint(stack, args.timepoint)
+            z_values = parse_z_spec(args.z, stack.shape[0])
+            check_finite_slices(stack, channel, args.timepoint, z_values[:1])
+            checked.append((stack, channel, z_values))
+        cluster = scope.enter_context(_cluster_from_args(args)) if uses_cluster(args) else None
+        if prototype is not None:
+            backbone = backbone_for_prototype(prototype, args, before_announcing=lambda b: check_patch_grid(config, b))
+            recipe = backbone_recipe(prototype.backbone, args, prototype.weights_id)
+        else:
+            backbone = load_backbone_from_args(args.backbone, args, announce=False)
+            check_patch_grid(config, backbone)
+            announce_backbone(backbone)
+            recipe = backbone_recipe(backbone.spec.name, args)
+        jobs, todo, cached_count = [], 0, 0
+        for stack, channel, z_values in checked:
+            embedder = SliceEmbedder(stack, channel, backbone, config.preprocess, cache=cache, timepoint=args.timepoint)
+            cached = embedder.cached_slices()
+            missing = [z for z in z_values if z not in cached]
+            cached_count += len(z_values) - len(missing)
+            todo += len(missing)
+            depth = block_slices_for(z_chunk_depth(stack, channel, args.timepoint), stack.shape[0], args.block_slices)
+            job = EmbedJob(str(Path(stack.path).resolve()), channel, args.timepoint, recipe,
+                           config.preprocess.as_dict(), embedder.stack_range, str(cache.directory.resolve()), depth,
+                           tuple(z_values))
+            jobs.append((job, plan_blocks(stack.shape[0], depth, missing)))
+            print(f"stack: {stack.path.name}, channel {channel}: {len(missing)} of {len(z_values)} slice(s) to embed",
+                  file=sys.stderr)
+        bar = SliceBar(todo, "embed")
+        try:
+            run_embed(jobs, cluster, backbone=backbone, on_block=lambda outcome: bar.update(outcome.slices))
+        finally:
+            bar.close()
+    print(f"embedded {todo} slice(s) of {len(jobs)} stack(s) into {cache.directory}"
+          + (f" ({cached_count} were cached already)" if cached_count else ""))
+    return 0
+
+
+# ---- export of OME-Zarr masks (called by `export` in core/cli/io.py) ---------------------------------
+
+
+def export_mask_store(args: argparse.Namespace) -> int:
+    """``python -m core export MASKS.ome.zarr --out masks.tif | .ome.tif | .h5 | copy.ims --source-ims STACK.ims``."""
+    from core.io.ome_zarr import MaskStore, export_masks
+
+    if args.z != "all" or args.level != 0 or args.timepoint != 0 or args.channel != 0:
+        raise OptionError(f"'{Path(args.stack).name}' is an OME-Zarr of masks: it is exported whole; drop --z, "
+                          "--level, --timepoint and --channel")
+    source = getattr(args, "source_ims", None)
+    if Path(args.out).suffix.lower() == ".ims" and source is None:
+        raise OptionError("an Imaris copy needs the stack the masks were made from: add --source-ims STACK.ims")
+    store = MaskStore.open(args.stack)
+    written = export_masks(args.stack, args.out, source_ims=source, overwrite=args.overwrite)
+    n_z, n_y, n_x = store.layout.shape_zyx
+    print(f"wrote {written}: {n_z} slice(s) of {n_x}x{n_y} masks (uint8 0/255)")
+    return 0
+
+
 # ---- evaluate -----------------------------------------------------------------------------------------
 
 
@@ -319,7 +595,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise OptionError("give --mask-channel M (ground truth inside the stack) or --mask-file FILE ... (one per stack)")
     if args.mask_file and len(args.mask_file) != len(args.stacks):
         raise OptionError(f"got {len(args.stacks)} stacks but {len(args.mask_file)} mask files; give one mask file per stack")
-    for option, value, low, high in (("--points", args.points, 1, MAX_PROTOCOL_POINTS), ("--seeds", args.seeds, 1, 1000),
+    for option, value, low, high in (("--points", args.points, 1, MAX_PROTOCOL_POINTS),
+                                     ("--adapt-points", args.adapt_points, 1, MAX_PROTOCOL_POINTS), ("--seeds", args.seeds, 1, 1000),
                                      ("--slices", args.slices, 1, 100_000), ("--skip-ends", args.skip_ends, 0, 100_000),
                                      ("--margin", args.margin, 0, 10_000)):
         if value is not None and not low <= value <= high:
@@ -348,7 +625,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise OptionError("nothing to evaluate: give --mode, --variant or --baseline")
     settings = ProtocolSettings(
         n_points=args.points, seeds=tuple(range(args.seeds)), n_slices=args.slices, skip_ends=args.skip_ends,
-        margin_px=args.margin, settings=tuple(args.settings),
+        margin_px=args.margin, settings=tuple(args.settings), adapt_points=args.adapt_points,
     )
     # every stack, channel, ground truth and slice choice is checked before any model loads (evaluate opens them again)
     with open_eval_stacks(stacks, settings) as opened:
@@ -386,6 +663,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     f"{m.name}|{b.spec.name if b else '-'}": _matrix_json(result.transfer_matrix(m.name, b.spec.name if b else "-"))
                     for m in methods if not m.is_otsu_baseline for b in (backbones if m.config else [None])
                 },
+                **({"adapt": {  # mean Dice of the adapted references by (source, target) stack
+                    f"{m.name}|{b.spec.name if b else '-'}": _matrix_json(
+                        result.transfer_matrix(m.name, b.spec.name if b else "-", settings=("adapt",)))
+                    for m in methods if not m.is_otsu_baseline for b in (backbones if m.config else [None])
+                }} if "adapt" in args.settings else {}),
                 "seconds": result.seconds,
             }
             json_temp.write_text(json.dumps(payload, indent=1, default=_json_default), encoding="utf-8")
@@ -472,12 +754,16 @@ def register(subparsers) -> None:
     prototype.set_defaults(func=cmd_prototype)
 
     apply = subparsers.add_parser(
-        "apply", help="segment slices of a stack with saved prototypes (multi-page TIFF of masks)",
-        description="Apply a prototype file to slices of a stack. Writes a multi-page uint8 TIFF (0/255), one page per "
-                    "requested slice in the order given, at the original slice size.")
-    apply.add_argument("stack")
+        "apply", help="segment slices of stacks with saved prototypes (TIFF or OME-Zarr masks; Dask workers)",
+        description="Apply a prototype file to slices of stacks. --out NAME.tif: a multi-page uint8 TIFF (0/255), one "
+                    "page per requested slice in the order given, at the original slice size (one stack, this "
+                    "process). --out NAME.ome.zarr: an OME-Zarr image of the whole stack (unrequested slices 0) with "
+                    "voxel sizes and a pyramid, written in blocks of slices; a rerun resumes it. Several stacks: --out "
+                    "FOLDER receives <stack>.ome.zarr and <stack>.areas.csv each. --workers/--scheduler run the blocks "
+                    "on Dask workers (docs/scaling.md).")
+    apply.add_argument("stacks", nargs="+", metavar="STACK")
     apply.add_argument("--prototype", required=True, help="prototype file from 'prototype' or the app (.npz)")
-    apply.add_argument("--out", required=True, help="output TIFF (.tif)")
+    apply.add_argument("--out", required=True, help="output: NAME.tif, NAME.ome.zarr, or a folder for several stacks")
     apply.add_argument("--channel", type=int, default=None,
                        help="image channel (default: penultimate channel of an .ims, else 0)")
     apply.add_argument("--timepoint", type=int, default=0)
@@ -486,10 +772,35 @@ def register(subparsers) -> None:
                        help="top:P | score:T | otsu | calibrated (default: the prototype's own)")
     apply.add_argument("--option", action="append", metavar="NAME=VALUE", help="override a pipeline setting (repeatable)")
     apply.add_argument("--areas", default=None, metavar="CSV", help="also write per-slice areas (px, µm²) to this CSV")
-    apply.add_argument("--overwrite", action="store_true", help="replace --out and --areas if they exist")
+    apply.add_argument("--overwrite", action="store_true",
+                       help="replace --out and --areas if they exist (an OME-Zarr of the same run is resumed without)")
+    add_cluster_options(apply)
     add_backbone_options(apply)
     add_cache_options(apply)
     apply.set_defaults(func=cmd_apply)
+
+    embed = subparsers.add_parser(
+        "embed", help="fill the embedding cache for stacks (here or on Dask workers)",
+        description="Embed slices of stacks into the embedding cache, so that later prototype, apply and evaluate "
+                    "runs (and the app) read them instead of running the backbone. Slices already cached are "
+                    "skipped. The backbone and preprocessing come from --prototype, else from --backbone, --mode "
+                    "and --option.")
+    embed.add_argument("stacks", nargs="+", metavar="STACK")
+    embed.add_argument("--prototype", default=None,
+                       help="take the backbone, weights and preprocessing of this prototype")
+    embed.add_argument("--mode", choices=("thesis", "best"), default="best",
+                       help="preprocessing of this mode when there is no --prototype (default best)")
+    embed.add_argument("--option", action="append", metavar="NAME=VALUE",
+                       help="override a preprocessing setting, e.g. image_size=644 (repeatable)")
+    embed.add_argument("--channel", type=int, default=None,
+                       help="image channel (default: penultimate channel of an .ims, else 0)")
+    embed.add_argument("--timepoint", type=int, default=0)
+    embed.add_argument("--z", default="all", metavar="SPEC", help="slices: 5 | 3,7,9 | 0:40 | all (default all)")
+    add_cluster_options(embed)
+    add_backbone_options(embed)
+    embed.add_argument("--cache", default=None, metavar="DIR",
+                       help="the embedding cache to fill (default: $PROTOSCOPE_CACHE or ~/.cache/protoscope/embeddings)")
+    embed.set_defaults(func=cmd_embed, no_cache=False)
 
     evaluate_parser = subparsers.add_parser(
         "evaluate", help="the thesis's evaluation protocol on stacks with ground truth",
@@ -512,7 +823,12 @@ def register(subparsers) -> None:
     evaluate_parser.add_argument("--skip-ends", type=int, default=40, help="slices skipped at each end (40)")
     evaluate_parser.add_argument("--margin", type=int, default=None, help="boundary margin in px (default: half a patch)")
     evaluate_parser.add_argument("--settings", nargs="+", default=["same-slice", "same-file", "cross-file"],
-                                 choices=("same-slice", "same-file", "cross-file"))
+                                 choices=("same-slice", "same-file", "cross-file", "adapt"),
+                                 help="adapt (not run by default): each stack's reference prototype plus --adapt-points "
+                                      "positive and negative points on one slice of every other stack, scored on that "
+                                      "stack's other slices")
+    evaluate_parser.add_argument("--adapt-points", type=int, default=3,
+                                 help="points per class sampled on the target in the adapt setting (3)")
     evaluate_parser.add_argument("--json", default=None, help="write the summary JSON here (and per-slice CSV beside it)")
     evaluate_parser.add_argument("--csv", default=None, help="write per-slice rows here")
     add_backbone_options(evaluate_parser, multiple=True)
