@@ -66,3 +66,7 @@ class WorkspaceConflict(WorkspaceError):
     def __init__(self, message: str, lease: "object | None" = None) -> None:
         super().__init__(message)
         self.lease = lease
+
+
+class ClusterError(ProtoscopeError):
+    """The Dask scheduler cannot be reached, or workers died running a block again and again."""

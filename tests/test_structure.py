@@ -19,14 +19,17 @@ PROJECT_PACKAGES = ("core", "ui")
 LAZY_IMPORT_ALLOWED = ("core/cli/",)
 # Lower layers never import upper ones (docs/architecture.md): module prefix -> prefixes it may not import.
 FORBIDDEN = {
-    "core.io": ("core.features", "core.pipeline", "core.batch", "core.protocol", "core.refine", "core.experiments",
-                "core.cli", "ui"),
-    "core.features": ("core.pipeline", "core.batch", "core.protocol", "core.refine", "core.experiments", "core.cli",
-                      "ui"),
-    "core.pipeline": ("core.batch", "core.protocol", "core.refine", "core.experiments", "core.cli", "ui"),
-    "core.window": ("core.batch", "core.protocol", "core.refine", "core.experiments", "core.cli", "ui"),
-    "core.batch": ("core.protocol", "core.refine", "core.experiments", "core.cli", "ui"),
-    "core.protocol": ("core.refine", "core.experiments", "core.cli", "ui"),
+    "core.io": ("core.features", "core.pipeline", "core.live", "core.batch", "core.cluster", "core.protocol",
+                "core.refine", "core.experiments", "core.cli", "ui"),
+    "core.features": ("core.pipeline", "core.live", "core.batch", "core.cluster", "core.protocol", "core.refine",
+                      "core.experiments", "core.cli", "ui"),
+    "core.pipeline": ("core.live", "core.batch", "core.cluster", "core.protocol", "core.refine", "core.experiments",
+                      "core.cli", "ui"),
+    "core.window": ("core.batch", "core.cluster", "core.protocol", "core.refine", "core.experiments", "core.cli", "ui"),
+    "core.live": ("core.batch", "core.cluster", "core.protocol", "core.refine", "core.experiments", "core.cli", "ui"),
+    "core.batch": ("core.cluster", "core.protocol", "core.refine", "core.experiments", "core.cli", "ui"),
+    "core.cluster": ("core.protocol", "core.refine", "core.experiments", "core.cli", "ui"),
+    "core.protocol": ("core.cluster", "core.refine", "core.experiments", "core.cli", "ui"),
     "core": ("ui",),
 }
 

@@ -38,7 +38,7 @@ from core.cluster.tasks import (
     embed_block,
     prime_backbone,
 )
-from core.errors import OptionError, ProtoscopeError
+from core.errors import ClusterError, OptionError, ProtoscopeError
 from core.features.backbones import Backbone
 from core.io.ome_zarr import MaskStore
 
@@ -46,10 +46,6 @@ __all__ = ["ClusterError", "Cluster", "ApplyRun", "submit_apply", "run_apply_her
            "start_run"]
 
 MAX_LOCAL_WORKERS = 256
-
-
-class ClusterError(ProtoscopeError):
-    """The Dask scheduler cannot be reached, or workers died running a block again and again."""
 
 
 class Cluster:
