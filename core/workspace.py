@@ -4,7 +4,8 @@ A ``Workspace`` holds the sample (path, size + mtime signature, image channel, g
 pipeline options, backbone, the app's bound widget values), the clicked points per channel and slice, the saved
 prototypes (their pickle-free ``.npz`` bytes, core.prototypes), the trained refinement models (safetensors bytes
 and a little metadata) and the last batch result (the per-slice areas and the paths of the files it wrote, not
-the masks). It lives in ``<root>/<id>/``::
+the masks), and a batch running on a Dask cluster (``BatchJob``: where its output is; its progress is read from
+there). It lives in ``<root>/<id>/``::
 
     workspace.json              schema version and everything JSON-able
     prototypes/<sha256>.npz     one file per prototype, named by its content: written once, never rewritten
@@ -51,7 +52,7 @@ from core.prototypes import PointSet, Prototype, load_prototype
 
 __all__ = [
     "SCHEMA_VERSION", "LEASE_TTL_S", "MAX_MEMBER_BYTES", "WorkspaceError", "WorkspaceConflict", "SampleRef",
-    "Settings", "StoredPrototype", "StoredModel", "BatchRecord", "Workspace", "WorkspaceInfo", "Lease",
+    "Settings", "StoredPrototype", "StoredModel", "BatchRecord", "BatchJob", "Workspace", "WorkspaceInfo", "Lease",
     "default_root", "new_id", "check_id", "save_workspace", "load_workspace", "find_workspaces", "export_workspace",
     "import_workspace", "repoint_sample", "workspace_digest", "summarize", "read_lease", "acquire_lease",
     "release_lease", "lease_is_live",
@@ -172,6 +173,32 @@ class BatchRecord:
     threshold: str = ""
 
 
+@dataclass(frozen=True)
+class BatchJob:
+    """A batch submitted to a Dask cluster, which runs on without the app (core.cluster): its OME-Zarr output
+    (``store``; progress and results are read from there, ``core.cluster.read_progress``), the run that writes it,
+    the scheduler's address, and what finishing it needs: the stack (name, path, image channel), the prototype's
+    name, the formats to export (keys of the app's formats), the threshold used, the output files' base name
+    (``<folder of store>/<base_name><suffix>``), the digest of the settings that made it (``inputs``) and when it
+    was submitted (epoch seconds)."""
+
+    store: str
+    run_id: str = ""
+    scheduler: str = ""
+    stack_name: str = ""
+    stack_path: str = ""
+    channel: int = 0
+    prototype_name: str = ""
+    formats: tuple[str, ...] = ()
+    threshold: str = ""
+    base_name: str = ""
+    inputs: str = ""
+    submitted: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "formats", tuple(str(f) for f in self.formats))
+
+
 Points = Mapping[int, Mapping[int, tuple[tuple[int, ...], ...]]]
 """channel -> slice z -> points in click order, each (x, y, label[, ...]) ints; label +1 positive, -1 negative."""
 
@@ -191,6 +218,7 @@ class Workspace:
     revision: int = 0
     created: float = 0.0
     modified: float = 0.0
+    batch_job: BatchJob | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "points", normalize_points(self.points))
@@ -463,6 +491,12 @@ def _batch_document(record: BatchRecord) -> dict:
     }
 
 
+def _job_document(job: BatchJob) -> dict:
+    document = dataclasses.asdict(job)
+    document["formats"] = list(job.formats)
+    return document
+
+
 def _document(ws: Workspace) -> dict:
     sample = dataclasses.asdict(ws.sample) if ws.sample is not None else None
     return {
@@ -483,6 +517,7 @@ def _document(ws: Workspace) -> dict:
         "models": [{"name": m.name, "metadata": dict(m.metadata), "sha256": m.sha256, "file": _model_file(m)}
                    for m in ws.models],
         "batch": _batch_document(ws.batch) if ws.batch is not None else None,
+        "batch_job": _job_document(ws.batch_job) if ws.batch_job is not None else None,
     }
 
 
@@ -537,6 +572,21 @@ def _batch_from(data: Any) -> BatchRecord | None:
         raise ValueError("batch 'files' must map format keys to paths")
     return BatchRecord(str(data.get("stack_name", "")), result, str(data.get("folder", "")), dict(files),
                        str(data.get("threshold", "")))
+
+
+def _job_from(data: Any) -> BatchJob | None:
+    """A BatchJob from its document (None when absent: workspaces saved before cluster jobs existed)."""
+    if data is None:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("store"), str):
+        raise ValueError("'batch_job' needs the path of its output ('store')")
+    formats = data.get("formats") or []
+    if not isinstance(formats, list) or not all(isinstance(f, str) for f in formats):
+        raise ValueError("batch_job 'formats' must be a list of format keys")
+    return BatchJob(data["store"], str(data.get("run_id", "")), str(data.get("scheduler", "")),
+                    str(data.get("stack_name", "")), str(data.get("stack_path", "")), int(data.get("channel", 0)),
+                    str(data.get("prototype_name", "")), tuple(formats), str(data.get("threshold", "")),
+                    str(data.get("base_name", "")), str(data.get("inputs", "")), float(data.get("submitted", 0.0)))
 
 
 def _check_prototype_bytes(data: bytes, where: str) -> None:
@@ -628,6 +678,7 @@ def _from_document(document: dict, where: str, read: Callable[[str], bytes], *, 
             revision=int(document.get("revision", 0)),
             created=float(document.get("created", 0.0)),
             modified=float(document.get("modified", 0.0)),
+            batch_job=_job_from(document.get("batch_job")),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         if isinstance(error, WorkspaceError):

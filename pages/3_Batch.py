@@ -1,4 +1,5 @@
-"""Batch: apply the current, a saved or an uploaded prototype to a z-range of this or another stack."""
+"""Batch: apply the current, a saved or an uploaded prototype to a z-range of this or another stack, here or on the
+Dask cluster the server is configured with (ui.cluster: the job runs on when the tab is closed)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ from pathlib import Path
 import streamlit as st
 
 from core.batch import embeds_ahead, plan_batch
+from core.cluster.progress import FAILED, RUNNING
 from core.errors import ProtoscopeError
 from core.prototypes import load_prototype
 from core.thresholds import ThresholdSpec
 from core.zspec import parse_z_spec
 from core.io.channels import default_image_channel
-from ui import batch, home, jobs, layout, resources, segment, settings, state, views
+from ui import batch, cluster, home, jobs, layout, resources, segment, settings, state, views
 
 SOURCES = ("current", "saved", "upload")
 
@@ -103,15 +105,129 @@ def run_controls(ctx: resources.Context, result_slot) -> None:
     inputs = batch.run_signature(prototype, name, stack.path, embedder.channel, z_values, threshold, formats)
     state.put("batch.inputs", inputs)
     embeds = embeds_ahead(embedder, plan)  # phase 'embed' runs (and reports progress) only then
-    if st.button("Run batch", type="primary", key="batch.run"):
+    address = run_place()
+    job, job_state = state.get("batch.job"), job_state_now()
+    if job_state == RUNNING:
+        st.caption("A batch is running on the cluster (below): **Run batch** is back when it has finished or is "
+                   "cancelled.")
+    resume = cluster.resumable(job, inputs, job_state) if address else None
+    if resume is not None:
+        st.caption(f"**Run batch** resumes the {job_state} batch of these settings on the cluster: its finished "
+                   "slices are kept.")
+    if st.button("Run batch", type="primary", key="batch.run", disabled=job_state == RUNNING):
         # the previous result leaves the page the moment a new run starts: it is not this run's result
         state.put("batch.result", None)
         result_slot.empty()
-        execute(embedder, prototype, name, z_values, formats, threshold, embeds, inputs)
+        if address:
+            with st.spinner(f"Submitting to the Dask scheduler at {address}…"):
+                recipe = cluster.backbone_recipe(ctx.choice, state.get("home.backbone_overrides"))
+                state.put("batch.job", cluster.submit(embedder, prototype, prototype_name=name, z_values=z_values,
+                                                      formats=formats, threshold=threshold, inputs=inputs,
+                                                      address=address, recipe=recipe, resume=resume))
+            st.rerun()  # the controls, drawn before the job existed, now follow it (Run batch waits for it)
+        else:
+            execute(embedder, prototype, name, z_values, formats, threshold, embeds, inputs)
     elif state.get("batch.running"):
         state.put("batch.running", False)
         st.warning("The batch was cancelled; no file was written." + (" The slices embedded so far are cached: "
                    "**Run batch** again resumes from there." if plan.embeds else ""))
+
+
+def run_place() -> str | None:
+    """Where the batch runs: None for here (the app's process), else the scheduler's address. The choice is offered
+    only when the server is configured with one (PROTOSCOPE_DASK_SCHEDULER)."""
+    address = settings.dask_scheduler()
+    if address is None:
+        return None
+    labels = {"cluster": f"on the Dask cluster at {address}", "here": "here, in the app's process"}
+    where = st.radio("Run", list(labels), format_func=labels.get, horizontal=True,
+                     **state.widget("batch.where", "cluster"),
+                     help="On the cluster the batch runs on when this tab is closed; reopening the page shows it. "
+                          "The masks are written as OME-Zarr, and the formats chosen are exported from it.")
+    return address if where == "cluster" else None
+
+
+def job_state_now() -> str | None:
+    """The state of the session's cluster job (core.cluster.read_progress), 'gone' when its output cannot be read,
+    None without a job."""
+    job = state.get("batch.job")
+    if job is None:
+        return None
+    try:
+        return cluster.progress(job).state
+    except ProtoscopeError:
+        return "gone"
+
+
+def forget_job() -> None:
+    state.put("batch.job", None)
+
+
+def job_panel(ctx: resources.Context) -> None:
+    """The session's batch on the cluster: live progress while it runs, what to do when it stopped, and once every
+    slice is written its files and result (``cluster.finish``), shown below as a run in the app's process is."""
+    job = state.get("batch.job")
+    if job is None:
+        return
+    try:
+        progress = cluster.progress(job)
+    except ProtoscopeError as error:
+        st.error(f"The batch on the cluster cannot be followed: {error}")
+        st.button("Forget this batch", key="batch.job_forget", on_click=forget_job)
+        return
+    if progress.finished:
+        with st.spinner(f"The batch on the cluster has finished: writing its files to `{Path(job.store).parent}`…"):
+            state.put("batch.result", cluster.finish(job, montage_embedder(ctx, job)))
+        state.put("batch.job", None)
+        return
+    if progress.state in cluster.ACTIVE:
+        live_progress()
+        return
+    draw_job(job, progress)
+    if progress.state == FAILED:
+        block, message = next(iter(progress.failures.items()))
+        st.error(f"The batch on the cluster failed: block {block}: {message}. The finished blocks are kept: **Run "
+                 "batch** with the same settings runs the others again.")
+    else:
+        st.warning(f"The batch on the cluster is {progress.state}: {progress.slices_finished} of "
+                   f"{progress.slices_total} slices are written. **Run batch** with the same settings resumes it.")
+    st.button("Forget this batch", key="batch.job_forget", on_click=forget_job,
+              help="The page stops following it; its output stays on disk")
+
+
+@st.fragment(run_every=cluster.POLL_S)
+def live_progress() -> None:
+    """Progress of the running job, read from its output every POLL_S seconds; the whole page runs again when it
+    stops running (finished: its result is written and shown)."""
+    def body() -> None:
+        job = state.get("batch.job")
+        progress = cluster.progress(job) if job is not None else None
+        if progress is None or progress.state not in cluster.ACTIVE:
+            st.rerun()
+        draw_job(job, progress)
+        if progress.state == RUNNING:
+            st.button("Cancel", key="batch.job_cancel", on_click=cluster.cancel, args=(job,),
+                      help="The workers stop before their next slice; the finished slices stay in the output")
+        else:
+            st.caption("Cancelling: the blocks still running stop before their next slice.")
+
+    layout.run_page(body)
+
+
+def draw_job(job, progress) -> None:
+    st.markdown(f"**On the cluster** `{job.scheduler}` · {job.stack_name} · prototype {job.prototype_name}")
+    st.progress(progress.fraction, text=cluster.progress_text(progress))
+    st.caption(f"Output: `{job.store}`. The batch runs on when this tab is closed: reopening the page (or this "
+               "workspace after a restart) shows it.")
+
+
+def montage_embedder(ctx: resources.Context, job):
+    """The job's stack and channel for the result's montage, preprocessed as the job was; None when it cannot be
+    opened any more (the result is shown without a montage)."""
+    try:
+        return resources.embedder_for(job.stack_path, job.channel, ctx.choice, cluster.preprocess_of(job))
+    except ProtoscopeError:
+        return None
 
 
 def execute(embedder, prototype, name, z_values, formats, threshold, embeds: bool = True, inputs: str = "") -> None:
@@ -149,7 +265,8 @@ def show_result(ctx: resources.Context) -> None:
         return
     result = outputs.result
     if outputs.inputs and outputs.inputs == state.get("batch.inputs"):
-        st.success(f"Batch finished: {len(outputs.z_values)} slices in {result.seconds:.1f} s.")
+        where = " on the cluster" if cluster.ZARR in outputs.files else ""
+        st.success(f"Batch finished{where}: {len(outputs.z_values)} slices in {result.seconds:.1f} s.")
         st.subheader(f"Result · {outputs.stack_name}")
     else:
         st.subheader(f"Previous result · {outputs.stack_name}")
@@ -169,6 +286,9 @@ def show_result(ctx: resources.Context) -> None:
             st.download_button(f"Download {file.title} · {file.path.name} ({file.size / 1e6:.1f} MB)",
                                data=lambda p=file.path: p.read_bytes(), file_name=file.path.name,
                                key=f"batch.download.{file.key}", on_click="ignore")
+        elif file.key == cluster.ZARR:
+            st.caption(f"{file.title}: `{file.path}` (a folder on the server's disk: napari and Fiji open it; "
+                       "`python -m core export` converts it)")
         else:
             st.caption(f"{file.title}: `{file.path}` ({file.size / 1e6:.0f} MB: too large to download through the "
                        "browser; open it from the server's disk)")
@@ -180,9 +300,12 @@ def page() -> None:
     ctx = layout.require_context()
     st.header("Batch")
     controls = st.container()
+    job_slot = st.container()
     result_slot = st.empty()  # a run clears it at once, so no earlier result is shown as if it were the new one
     with controls:
         layout.run_page(lambda: run_controls(ctx, result_slot))
+    with job_slot:
+        layout.run_page(lambda: job_panel(ctx))
     with result_slot.container():
         show_result(ctx)
 

@@ -4,7 +4,7 @@ Masks go into a memory-mapped volume (``core.batch.MaskVolume``, its scratch fil
 folder, never the output folder), so results larger than RAM work; the files are written only after the last
 slice, so a cancelled run leaves no half-written output. Output names end in a short random tail, so two
 sessions batching one stack in the same second never collide. Embeddings go through the on-disk cache: a
-cancelled run resumes where it stopped.
+cancelled run resumes where it stopped. A run on a Dask cluster (ui.cluster) ends in the same ``BatchOutputs``.
 """
 
 from __future__ import annotations
@@ -230,13 +230,20 @@ class OutputFile:
     downloadable: bool
 
 
+#: Key of a cluster run's OME-Zarr output (a folder; ui.cluster) in BatchOutputs.files.
+ZARR = "zarr"
+#: Titles of the outputs that are not mask formats of FORMATS: the areas, and a cluster run's OME-Zarr.
+OTHER_OUTPUTS = {"csv": "Per-slice areas (CSV)", ZARR: "OME-Zarr masks"}
+
+
 def output_files(outputs: BatchOutputs) -> list[OutputFile]:
+    """The files a run wrote, in its order; a folder (the OME-Zarr) is never offered as a download."""
     files = []
     for key, path_text in outputs.files.items():
         path = Path(path_text)
-        size = path.stat().st_size if path.exists() else 0
-        title = "Per-slice areas (CSV)" if key == "csv" else FORMATS[key][0]
-        files.append(OutputFile(key, title, path, size, path.exists() and size <= settings.DOWNLOAD_LIMIT_BYTES))
+        size = path.stat().st_size if path.is_file() else 0
+        title = OTHER_OUTPUTS.get(key) or FORMATS[key][0]
+        files.append(OutputFile(key, title, path, size, path.is_file() and size <= settings.DOWNLOAD_LIMIT_BYTES))
     return files
 
 

@@ -11,6 +11,9 @@ PROTOSCOPE_WORKSPACES  where each tab's work is kept (read by core.workspace.def
                        ~/.cache/protoscope/workspaces, 'off' keeps none; see docs/workspace.md).
 PROTOSCOPE_TMP         scratch files of batch runs (read by core.batch.scratch_dir; default
                        <temp>/protoscope-<user>), never in an output folder.
+PROTOSCOPE_DASK_SCHEDULER  address of a running Dask scheduler (tcp://host:8786) the Batch page may run on
+                       (unset: batches run in the app's process only). Only whoever runs the server sets it: a Dask
+                       client exchanges pickled code and data with its scheduler, so no page lets a user type one.
 """
 
 from __future__ import annotations
@@ -49,6 +52,11 @@ def resolve_weights_path(text: str | Path) -> Path:
     except ProtoscopeError as error:
         raise ProtoscopeError(f"weights: {error} (the server reads weights only from {weights_root()}; whoever runs "
                               "it can set PROTOSCOPE_WEIGHTS_DIR)") from None
+
+
+def dask_scheduler() -> str | None:
+    """The Dask scheduler the Batch page may run on (``PROTOSCOPE_DASK_SCHEDULER``, e.g. tcp://host:8786), or None."""
+    return os.environ.get("PROTOSCOPE_DASK_SCHEDULER", "").strip() or None
 
 
 def demo_dir() -> Path:

@@ -185,6 +185,7 @@ def snapshot_from_session(session: Session | None = None, workspace_id: str | No
         models=models,
         batch=batch,
         revision=int(s.get("workspace.revision") or 0),
+        batch_job=s.get("batch.job"),
     )
 
 
@@ -200,8 +201,8 @@ def restore_into_session(ws: Workspace, session: Session | None = None, *, merge
 
     merge=False (a fresh session): everything, replacing what is there. merge=True (a sample's workspace resumed
     in a running session): the sample with its channel and ground truth, its points where the session has none,
-    the prototypes and models the session lacks (by content), the batch result if the session has none; the
-    session's mode, options and backbone stay.
+    the prototypes and models the session lacks (by content), the batch result and the cluster batch if the session
+    has none; the session's mode, options and backbone stay.
     """
     s = _session(session)
     sample = ws.sample
@@ -250,6 +251,8 @@ def restore_into_session(ws: Workspace, session: Session | None = None, *, merge
         s["batch.result"] = BatchOutputs(b.stack_name, b.result, b.folder, dict(b.files), b"", b.threshold)
     elif not merge:
         s["batch.result"] = None
+    if not merge or s.get("batch.job") is None:  # a batch running on a cluster (ui.cluster) is followed again
+        s["batch.job"] = ws.batch_job
 
 
 def _adopt(s: Session, params: MutableMapping[str, str], ws: Workspace, *, merge: bool, mode: str = "owner") -> None:
