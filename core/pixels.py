@@ -100,8 +100,23 @@ def combined_features(
 
     projected = (patch_embeddings.reshape(-1, patch_embeddings.shape[-1]) - space.projection_mean) @ space.projection
     grid = projected.reshape(*patch_embeddings.shape[:2], -1)
-    upsampled = np.stack([upsample_bilinear(grid[..., i], filters.shape[:2]) for i in range(grid.shape[-1])], axis=-1)
-    return np.concatenate([standardized, upsampled.astype(np.float32)], axis=-1)
+    return np.concatenate([standardized, upsample_channels(grid, filters.shape[:2])], axis=-1)
+
+
+def upsample_channels(grid: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(gh, gw, k) map -> (rows, cols, k) float32, each channel as ``core.grid.upsample_bilinear`` gives it.
+
+    One interpolation of all k channels at once: ~4x faster than k calls, and the same numbers (each output
+    pixel is the same weighted sum of the same four samples).
+    """
+    import torch  # lazily, as core.grid: reading stacks and prototype files must not load torch
+    import torch.nn.functional as F
+
+    if grid.shape[-1] == 1:
+        return upsample_bilinear(grid[..., 0], shape)[..., None]
+    channels = torch.from_numpy(np.ascontiguousarray(np.moveaxis(grid, -1, 0), dtype=np.float32))[None]
+    out = F.interpolate(channels, size=tuple(shape), mode="bilinear", align_corners=False)[0]
+    return np.ascontiguousarray(out.permute(1, 2, 0).numpy())
 
 
 def example_pixels(xy: np.ndarray, slice_shape: tuple[int, int], work_shape: tuple[int, int], radius: int) -> np.ndarray:
@@ -119,6 +134,18 @@ def example_pixels(xy: np.ndarray, slice_shape: tuple[int, int], work_shape: tup
     out_rows = np.concatenate([rows + dy for dy, _ in offsets])
     out_cols = np.concatenate([cols + dx for _, dx in offsets])
     return np.stack([np.clip(out_rows, 0, work_shape[0] - 1), np.clip(out_cols, 0, work_shape[1] - 1)], axis=1)
+
+
+#: Below these numbers of rows a forest fits / predicts on one thread: joblib's pool costs 10-30 ms per call,
+#: more than the trees' work on a few hundred examples or a few clicked pixels. The trees and the
+#: probabilities do not depend on the number of threads.
+SMALL_FIT_ROWS = 2_000
+SMALL_PREDICT_ROWS = 50_000
+
+
+def _threads_for(rows: int, small: int) -> int:
+    """Threads for a forest job of ``rows`` rows: one below ``small``, else up to two (the cores we plan for)."""
+    return 1 if rows < small else min(2, os.cpu_count() or 1)
 
 
 @contextlib.contextmanager
@@ -144,7 +171,7 @@ class PixelClassifier:
         if kind == "forest":
             self.model = RandomForestClassifier(
                 n_estimators=n_trees, min_samples_leaf=2, class_weight="balanced", random_state=seed,
-                n_jobs=min(2, os.cpu_count() or 1),  # same trees for any n_jobs (fixed random_state)
+                n_jobs=_threads_for(len(features), SMALL_FIT_ROWS),  # same trees for any n_jobs (fixed random_state)
             )
         else:
             self.model = LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000)
@@ -156,6 +183,9 @@ class PixelClassifier:
         """(h, w, F) standardised features -> (h, w) float32 in [-1, 1]."""
         flat = features.reshape(-1, features.shape[-1])
         out = np.empty(flat.shape[0], np.float32)
+        if self.kind == "forest":
+            # Calibration scores a few clicked pixels: joblib's thread pool would cost more than the trees.
+            self.model.n_jobs = _threads_for(flat.shape[0], SMALL_PREDICT_ROWS)
         with _quiet_joblib():
             for start in range(0, flat.shape[0], chunk_rows):
                 out[start : start + chunk_rows] = self.model.predict_proba(flat[start : start + chunk_rows])[:, 1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from core.io import stack_label
+from core.live import warm_up_slice
 from ui import canvas, layout, render, resources, segment, state, views
 
 
@@ -15,6 +16,7 @@ def page() -> None:
     z = segment.choose_slice(ctx, f"Embedding slice {{z}} with {ctx.backbone.spec.title} (once: it is cached on disk)…")
     if ctx.config.uses_pixels and hasattr(ctx.embedder, "warm_up_pixels"):
         ctx.embedder.warm_up_pixels(ctx.config.pixel_max_side)  # the first click needs the stack's statistics
+        warm_up_slice(ctx.embedder, z, ctx.config)  # ... and this slice's pixel features: computed before it
 
     # the canvas's clicks first, so the heatmap drawn behind it includes them
     display = render.display_size(ctx.slice_shape)
@@ -60,14 +62,26 @@ def page() -> None:
         points_summary(ctx, view.base)
         prototype_controls(ctx, view, spec)
     views.orthogonal_panel(ctx, z, slice_mask=view.segmentation.mask if view.segmentation is not None else None)
+    if view.live_next and prepare_live_preview(ctx, z, pending_slot):
+        st.rerun()  # to show the live step's mask; the pixel classifier follows
     if view.pending:
-        finish_pixel_result(ctx, z, spec, options, pending_slot)
+        finish_pixel_result(ctx, z, spec, options, pending_slot, live=view.classifier == segment.LIVE_PREVIEW)
 
 
-def finish_pixel_result(ctx: resources.Context, z: int, spec, options: dict, slot) -> None:
+def prepare_live_preview(ctx: resources.Context, z: int, slot) -> bool:
+    """Best mode after a patch preview: compute the pixel features of the clicked slices (once per slice); True
+    when the live step can now show its mask."""
+    with slot.container(), st.spinner("Best mode: computing this slice's pixel features (once per slice)…",
+                                      show_time=True):
+        return segment.prepare_live(ctx, state.point_set(ctx.sid), z)
+
+
+def finish_pixel_result(ctx: resources.Context, z: int, spec, options: dict, slot, live: bool = False) -> None:
     """Best mode after the preview was drawn: fit the pixel classifier and score the slice (memoised), then rerun
-    to show the pixel-accurate heatmap and mask. A click meanwhile interrupts this run and starts over."""
-    with slot.container(), st.spinner("Best mode: training the pixel classifier on your points…", show_time=True):
+    to show its heatmap and mask in place of the preview. A click meanwhile interrupts this run and starts over."""
+    busy = (f"Best mode: the {ctx.config.pixel_classifier} refines the live mask…" if live
+            else "Best mode: training the pixel classifier on your points…")
+    with slot.container(), st.spinner(busy, show_time=True):
         full = segment.compute_view(ctx, z, spec, **options)
     state.put("segment.pixel_timings", dict(full.timings))
     state.put("segment.pixel_fresh", True)

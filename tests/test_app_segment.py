@@ -218,7 +218,7 @@ def test_best_mode_previews_the_patch_heatmap_then_shows_the_pixel_mask(best_app
     assert {m.label: m.value for m in app.metric}["Mask area (px)"] == f"{int(expected.mask.sum()):,}"
     assert app.session_state["segment.preview_timings"]["total"] > 0
     assert app.session_state["segment.pixel_timings"]["prototype"] > 0  # the forest was fitted in that run
-    assert any(c.value.startswith("Server time: patch preview ") and ", then pixel classifier " in c.value
+    assert any(c.value.startswith("Server time: live linear preview ") and ", then pixel classifier " in c.value
                for c in app.caption)
 
 

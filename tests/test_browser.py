@@ -237,7 +237,7 @@ def test_demo_click_threshold_save_batch_download(app_server, tmp_path):
             positive, negative = seed_points(truth)
             _click_points(page, positive, negative)
             page.get_by_text("Mask area (px)").wait_for()
-            page.get_by_text(re.compile(r"Server time: patch preview \d+ ms, then pixel classifier \d+ ms")).wait_for()
+            page.get_by_text(re.compile(r"Server time: (patch|live linear) preview \d+ ms, then pixel classifier \d+ ms")).wait_for()
             after = _canvas_with_outline(page)
             # the heatmap is blended in (the picture changed) and the mask outline is drawn in cyan
             assert np.abs(after.astype(int) - before.astype(int)).mean() > 10

@@ -5,9 +5,12 @@ on-disk cache); a threshold move reuses both and recomputes only the mask; an op
 Each step's server time is recorded (``View.timings``, ms) and the last 50 views in
 ``st.session_state['segment.timings']``.
 
-Best mode's pixel classifier takes ~0.3-2 s per click (fitting the forest and scoring every pixel), so a
-click first gets a *preview*: the cosine heatmap of the same points on the cached patch grid (tens of ms,
-like thesis mode), drawn at once; the page then computes the pixel result and reruns to show it.
+Best mode's forest takes ~1-3 s per click (fitting it and scoring every pixel), so a click first gets a
+*preview*, drawn at once: with positive and negative points, the live step's mask (``core.live.live_click``: a
+linear classifier on the same pixel features, ~0.1 s at 1024²); with positive points only, the cosine heatmap
+of the patch grid (tens of ms, like thesis mode). The page then computes the forest's result (the
+refinement) and reruns to show it in place of the preview; the caption says which classifier the shown mask
+comes from. While a base is chosen (quick adapt) the preview is the patch heatmap.
 
 Quick adapt: with a *base* chosen ("Start from a saved prototype": a prototype saved in the session or an uploaded
 ``.npz``), the page shows the base applied to this stack as it is until points are clicked here; then the points
@@ -34,6 +37,7 @@ from core.config import Cleanup, PipelineConfig, Upsampling
 from core.errors import PrototypeError, ProtoscopeError
 from core.io import VoxelSize, stack_label
 from core.io.writers import write_masks
+from core.live import LiveResult, fits_in_memo, live_click, prepare_slice
 from core.pipeline import Scorer, SliceSegmentation, adapt_scorer, build_scorer, check_adaptable, prototype_lineage
 from core.prototypes import PointSet, Prototype, load_prototype, prototype_to_bytes
 from core.thresholds import ThresholdSpec, otsu_value
@@ -43,7 +47,10 @@ from ui.state import SavedPrototype
 
 THRESHOLD_KINDS = {"top": "top %", "score": "absolute score", "otsu": "Otsu (per slice)", "calibrated": "calibrated on the points"}
 #: Entries kept per memo; masks hold full-size (Y, X) scores and masks (~45 MB for a 3000 x 3000 slice).
-_MEMO_SIZES = {"prototype": 8, "scores": 6, "masks": 3, "grey": 8, "png": 16, "preview": 8, "preview_scores": 8}
+_MEMO_SIZES = {"prototype": 8, "scores": 6, "masks": 3, "grey": 8, "png": 16, "preview": 8, "preview_scores": 8,
+               "live": 3}
+#: What the caption calls each preview, and the live step's classifier.
+PATCH_PREVIEW, LIVE_PREVIEW = "patch preview", "live linear preview"
 
 
 @dataclass
@@ -57,8 +64,10 @@ class View:
     segmentation: SliceSegmentation | None = None
     message: str | None = None
     timings: dict[str, float] = field(default_factory=dict)  # ms per step
-    preview: bool = False  # the heatmap is best mode's patch-level preview (no mask yet)
+    preview: bool = False  # best mode's preview: the patch heatmap (no mask) or the live step's mask
     pending: bool = False  # the pixel result of these points is still to be computed (after drawing this)
+    live_next: bool = False  # ... and first the pixel features the live step needs (its mask is shown next)
+    classifier: str | None = None  # where the mask comes from: LIVE_PREVIEW, 'forest', 'linear' (None: no pixel mask)
     base: "Base | None" = None  # the saved prototype this stack's points are added to (quick adapt)
 
     @property
@@ -250,8 +259,8 @@ def prototype_and_scorer(ctx: Context, points: PointSet) -> tuple[Prototype, Sco
     key = prototype_key(ctx, keyed_points(ctx, points, base), base)
     found = _recall("prototype", key)
     if found is None:
-        if base is None:
-            scorer = build_scorer(ctx.embedder, points, ctx.config)  # fits best mode's classifier once
+        if base is None:  # fits best mode's classifier once; the stack's PCA basis, as the live step
+            scorer = build_scorer(ctx.embedder, points, ctx.config, stack_basis=True)
         elif enough:
             scorer = adapt_scorer(base.prototype, ctx.embedder, points, ctx.config)
         else:
@@ -279,8 +288,9 @@ def preview_scores(ctx: Context, points: PointSet, z: int, base: Base | None = N
     scorer = _recall("preview", key)
     if scorer is None:
         config = preview_config(ctx.config)
-        scorer = _remember("preview", key, build_scorer(ctx.embedder, points, config) if base is None else
-                           adapt_scorer(base.prototype, ctx.embedder, points, config))
+        # the preview thresholds nothing: no calibration, so one patch score map per click, not two
+        scorer = _remember("preview", key, build_scorer(ctx.embedder, points, config, calibrate=False) if base is None
+                           else adapt_scorer(base.prototype, ctx.embedder, points, config))
     found = _recall("preview_scores", (key, z))
     if found is None:
         found = _remember("preview_scores", (key, z), scorer.score_map(ctx.embedder, z))
@@ -412,8 +422,9 @@ def compute_view(
 ) -> View:
     """Prototype (all slices' points), this slice's score map and mask, and the overlay PNG; timed per step.
 
-    preview : in best mode, when the pixel result of these points is not memoised yet, return at once the
-        patch-level preview (``View.preview``; ``View.pending`` when the pixel result can be computed next).
+    preview : in best mode, when the pixel result of these points is not memoised yet, return at once a preview
+        (``View.preview``): the live step's mask when there are negative points (and no base), else the
+        patch-level heatmap; ``View.pending`` when the pixel result can be computed next.
     """
     display = display or render.display_size(ctx.slice_shape)
     timings: dict[str, float] = {}
@@ -424,6 +435,8 @@ def compute_view(
     problem = base_problem(ctx, base)
     if (problem is None and preview and ctx.config.uses_pixels and len(points.positive)
             and not (len(points.negative) and pixel_ready(ctx, points, z, base))):
+        if len(points.negative) and base is None and live_ready(ctx, points, z, spec):
+            return _live_view(ctx, z, points, spec, grey, display, opacity, show_heatmap, show_mask, timings, start)
         return _preview_view(ctx, z, points, grey, display, opacity, show_heatmap, timings, start, base)
     built = prototype_and_scorer(ctx, points)
     timings["prototype"] = (time.perf_counter() - start) * 1e3
@@ -448,7 +461,50 @@ def compute_view(
     if base is not None and not enough_points(ctx, points) and message is None:
         message = (f"'{base.name}' as it was saved, on this stack. Click positive and negative points here to adapt it "
                    "to this stack.")
-    return View(z, png, display, prototype, seg, message, _total(timings, start), base=base)
+    classifier = ctx.config.pixel_classifier if scorer.pixel_level else None
+    return View(z, png, display, prototype, seg, message, _total(timings, start), base=base, classifier=classifier)
+
+
+def live_ready(ctx: Context, points: PointSet, z: int, spec: ThresholdSpec) -> bool:
+    """True when the live step of these points on slice z is memoised or takes no pixel features to be computed
+    (those of slice z and of every slice with points are memoised by the embedder)."""
+    if (prototype_key(ctx, points), z, str(spec)) in _memo("live"):
+        return True
+    ready = set(ctx.embedder.pixel_feature_slices(ctx.config.pixel_max_side))
+    return z in ready and all(s in ready for s in points.slices)
+
+
+def prepare_live(ctx: Context, points: PointSet, z: int) -> bool:
+    """Compute (once per slice) the pixel features the live step of these points on slice z needs; True when they
+    are all memoised now (False: they do not fit in the embedder's memo together; go on to the pixel classifier)."""
+    for s in dict.fromkeys([z, *points.slices]):
+        prepare_slice(ctx.embedder, s, ctx.config)
+    ready = set(ctx.embedder.pixel_feature_slices(ctx.config.pixel_max_side))
+    return z in ready and all(s in ready for s in points.slices)
+
+
+def live_result(ctx: Context, points: PointSet, z: int, spec: ThresholdSpec) -> LiveResult:
+    """The live step's result of the points on slice z under the threshold ``spec`` (memoised)."""
+    key = (prototype_key(ctx, points), z, str(spec))
+    found = _recall("live", key)
+    if found is None:
+        found = _remember("live", key, live_click(ctx.embedder, points, ctx.config, z, threshold=spec))
+    return found
+
+
+def _live_view(ctx: Context, z: int, points: PointSet, spec: ThresholdSpec, grey: np.ndarray, display: tuple[int, int],
+               opacity: float, show_heatmap: bool, show_mask: bool, timings: dict[str, float], start: float) -> View:
+    """The live step's heatmap and mask, shown while the forest refines them."""
+    live = live_result(ctx, points, z, spec)
+    timings["live"] = (time.perf_counter() - start) * 1e3
+    key = ("live", prototype_key(ctx, points), z, str(spec))
+    png = _overlay(key, grey, display, live.segmentation.score_map, live.mask, False, opacity, show_heatmap, show_mask,
+                   timings)
+    timings = _total(timings, start)
+    state.put("segment.preview_timings", dict(timings))
+    state.put("segment.preview_kind", LIVE_PREVIEW)
+    return View(z, png, display, segmentation=live.segmentation, timings=timings, preview=True, pending=True,
+                classifier=LIVE_PREVIEW)
 
 
 def _preview_view(ctx: Context, z: int, points: PointSet, grey: np.ndarray, display: tuple[int, int], opacity: float,
@@ -459,13 +515,18 @@ def _preview_view(ctx: Context, z: int, points: PointSet, grey: np.ndarray, disp
     # drawn smooth (bilinear), as best mode's own patch scores would be, not as 14-px blocks
     png = _overlay(key, grey, display, grid, None, False, opacity, show_heatmap, False, timings)
     pending = len(points.negative) > 0
-    message = ("Patch-level preview (cosine similarity on the cached patch grid) while the pixel classifier "
+    live_next = pending and base is None and fits_in_memo(ctx.embedder, ctx.config, [z, *points.slices])
+    message = ("Patch-level preview (cosine similarity on the cached patch grid) while this slice's pixel features "
+               "are computed (once per slice) for the live preview…" if live_next else
+               "Patch-level preview (cosine similarity on the cached patch grid) while the pixel classifier "
                "trains on your points…" if pending else
                "Best mode's pixel classifier needs negative points too: click some background. The heatmap is the "
                "patch-level preview of your positive points.")
     timings = _total(timings, start)
     state.put("segment.preview_timings", dict(timings))
-    return View(z, png, display, message=message, timings=timings, preview=True, pending=pending, base=base)
+    state.put("segment.preview_kind", PATCH_PREVIEW)
+    return View(z, png, display, message=message, timings=timings, preview=True, pending=pending, live_next=live_next,
+                base=base)
 
 
 def timing_caption(view: View, config: PipelineConfig, fresh: bool = False) -> str:
@@ -480,15 +541,28 @@ def timing_caption(view: View, config: PipelineConfig, fresh: bool = False) -> s
     t = view.timings
     if not config.uses_pixels:
         return f"Server time {t.get('total', 0):.0f} ms ({steps(t)})"
+    shown = f" · mask: {mask_source(view)}" if view.segmentation is not None else ""
     if view.preview:
-        return f"Server time: patch preview {t.get('total', 0):.0f} ms"
+        kind = LIVE_PREVIEW if view.classifier == LIVE_PREVIEW else PATCH_PREVIEW
+        return f"Server time: {kind} {t.get('total', 0):.0f} ms" + shown
     preview = state.get("segment.preview_timings") or {}
     pixel = state.get("segment.pixel_timings") or {}
-    click = (f"patch preview {preview.get('total', 0):.0f} ms, then pixel classifier {pixel.get('total', 0):.0f} ms "
-             f"({steps(pixel)})")
+    click = (f"{state.get('segment.preview_kind') or PATCH_PREVIEW} {preview.get('total', 0):.0f} ms, then pixel "
+             f"classifier {pixel.get('total', 0):.0f} ms ({steps(pixel)})")
     if fresh and pixel:
-        return f"Server time: {click}"
-    return f"Server time {t.get('total', 0):.0f} ms" + (f" · last click: {click}" if pixel else f" ({steps(t)})")
+        return f"Server time: {click}{shown}"
+    return (f"Server time {t.get('total', 0):.0f} ms" + (f" · last click: {click}" if pixel else f" ({steps(t)})")
+            + shown)
+
+
+def mask_source(view: View) -> str:
+    """Which classifier the view's mask comes from, for the caption: 'live linear preview (the pixel classifier
+    refines it…)' while the forest is still to come, 'forest (refined)', 'linear', or the patch scores."""
+    if view.classifier == LIVE_PREVIEW:
+        return f"{LIVE_PREVIEW} (the pixel classifier refines it…)" if view.pending else LIVE_PREVIEW
+    if view.classifier == "forest":
+        return "forest (refined)"
+    return view.classifier or "patch scores"
 
 
 def _overlay(what, grey, display, scores, mask, nearest, opacity, show_heatmap, show_mask, timings) -> bytes:
@@ -497,11 +571,30 @@ def _overlay(what, grey, display, scores, mask, nearest, opacity, show_heatmap, 
     key = (*what, round(float(opacity), 3), bool(show_heatmap), bool(show_mask), display)
     png = _recall("png", key)
     if png is None:
-        rgb = render.compose(grey, display, scores=scores if show_heatmap else None, nearest=nearest, opacity=opacity,
-                             mask=mask if show_mask else None)
-        png = _remember("png", key, render.to_jpeg(rgb))
+        png = _remember("png", key, overlay_jpeg(grey, display, scores if show_heatmap else None,
+                                                 mask if show_mask else None, nearest=nearest, opacity=opacity))
     timings["image"] = (time.perf_counter() - mark) * 1e3
     return png
+
+
+def overlay_jpeg(grey: np.ndarray, display: tuple[int, int], scores: np.ndarray | None, mask: np.ndarray | None, *,
+                 nearest: bool = False, opacity: float = 0.5) -> bytes:
+    """The canvas background as JPEG bytes: the display-size grey slice (height, width) in [0, 1], the heatmap of
+    ``scores`` (any resolution; ``nearest``: patch blocks) and the outline of ``mask`` (any resolution)."""
+    score_range = render.color_range(_thumbnail(scores)) if scores is not None and not nearest else None
+    return render.to_jpeg(render.compose(grey, display, scores=scores, nearest=nearest, opacity=opacity,
+                                         score_range=score_range, mask=mask))
+
+
+#: Score values the heatmap's colour range (1st and 99th percentiles) is taken from, at most (and at least a
+#: quarter of this): ~1/10 of the time of the percentiles of a 1024² map, the same colours within ~1 %.
+COLOR_RANGE_SAMPLES = 1 << 16
+
+
+def _thumbnail(scores: np.ndarray) -> np.ndarray:
+    """Every n-th row and column of a score map, n such that at most COLOR_RANGE_SAMPLES values are left."""
+    step = int(np.ceil(np.sqrt(scores.size / COLOR_RANGE_SAMPLES)))
+    return scores[::step, ::step] if step > 1 else scores
 
 
 def _total(timings: dict[str, float], start: float) -> dict[str, float]:
