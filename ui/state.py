@@ -14,7 +14,7 @@ segment.generation     int                      bumped by undo/clear: gives the 
 segment.prototypes     [SavedPrototype, ...]    saved in this session
 segment.preview_timings, segment.pixel_timings  ms per step of best mode's patch preview and pixel result
 segment.pixel_fresh    bool                     the run shows the pixel result computed right after a preview
-segment.preview_kind   'patch' | 'live' | None  which preview preceded the forest's mask (named in the timing caption)
+segment.preview_kind   'patch preview' | 'live linear preview' | None: which preview preceded the forest's mask (named in the timing caption)
 batch.result, evaluate.result                   the last run's results
 refine.stacks          [TrainingStack, ...]     training stacks added from the data root (ui.refine)
 refine.job             TrainJob | None          the running or last training (a background thread)
