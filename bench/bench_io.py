@@ -11,6 +11,11 @@ Writes a synthetic .ims like the bone lab's into a temporary folder (uint16, gzi
   whose z-chunk is not decoded (the pyramid preview, <= 0.5 s goal) at the app's display size (640 px) and
   at 1024 px; `view_plane` (time to the first image, and until the full plane is in);
 - grouped reads (`read_slices`) and, unless --no-embed, `embed_many` with the filter bank;
+- best mode's stack-wide intensity range (`stack_intensity_range`, 5th-95th percentiles pooled over 16 slices):
+  whole slices (exact, the rule for small stacks) versus windows (the rule for large stacks), each on a freshly
+  opened stack (no z-chunk decoded), interleaved; their gap in units of the exact range; the pyramid levels'
+  ranges for comparison (binning averages noise away, so the low percentile rises); reading it back from the
+  disk cache; and the Dice between the best-mode masks (filter bank, same clicks) made with each range;
 - best mode's per-stack pixel statistics (`SliceEmbedder.pixel_statistics`, max_side 1024): exact (every
   pixel of 8 slices, the rule for small stacks) versus the subsample used for large stacks, their distance
   (|mean difference| and |std ratio - 1| in units of the exact std, median and max over the 49 features),
@@ -48,15 +53,16 @@ sys.path.insert(0, str(ROOT))
 
 from core.config import PipelineConfig  # noqa: E402
 from core.features.backbones import load_backbone  # noqa: E402
-from core.features.embedding import SliceEmbedder  # noqa: E402
+from core.features.embedding import SliceEmbedder, range_method, stack_intensity_range  # noqa: E402
 from core.features.embedding_cache import EmbeddingCache  # noqa: E402
 from core.features.filterbank import FilterBankConfig  # noqa: E402
 from core.io.atomic import write_text  # noqa: E402
 from core.io.chunks import ZChunkCache  # noqa: E402
 from core.io.ims import ImsStack  # noqa: E402
-from core.io.preview import preview_plane, view_plane  # noqa: E402
+from core.io.preview import level_plane_index, preview_plane, view_plane  # noqa: E402
 from core.metrics import dice  # noqa: E402
 from core.pipeline import Scorer, build_prototype  # noqa: E402
+from core.preprocess import pooled_intensity_range  # noqa: E402
 from core.prototypes import PointSet  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "io.json"
@@ -268,9 +274,11 @@ def statistics_and_first_mask(path: Path, folder: Path) -> dict:
     rows: dict[str, dict] = {}
     cache = EmbeddingCache(folder / "cache")
     with _fresh(path) as stack:
-        range_seconds, embedder = _timed(lambda: SliceEmbedder(stack, 0, backbone, config.preprocess, cache=cache))
-        rows["stack_range"] = {"s": range_seconds, "note": "SliceEmbedder init in best mode: 16 planes for the "
-                                                           "stack-wide intensity range (z-chunk cache on)"}
+        range_seconds, range_cpu, embedder = _timed_cpu(
+            lambda: SliceEmbedder(stack, 0, backbone, config.preprocess, cache=cache))
+        rows["embedder_init"] = {"s": range_seconds, "cpu_s": range_cpu,
+                                 "note": "SliceEmbedder init in best mode: the stack-wide intensity range "
+                                         "(windows of 16 planes), no z-chunk decoded, disk cache empty"}
         z = stack.shape[0] // 2 + 1
         embed_seconds, _ = _timed(lambda: embedder.embed(z))
         # first mask after the slice's embedding, statistics not yet known (the worst case: no warm-up)
@@ -302,6 +310,59 @@ def statistics_and_first_mask(path: Path, folder: Path) -> dict:
                 masks.append(Scorer(proto).segment(which, z).mask)
             rows[f"dice_exact_vs_subsampled_{classifier}"] = {
                 "dice": float(dice(masks[0], masks[1])), "mask_fraction": float(masks[0].mean())}
+    return rows
+
+
+def intensity_range(path: Path, folder: Path, repeats: int) -> dict:
+    """Stack-wide intensity range: whole sampled slices versus windows (timed cold, interleaved), the pyramid
+    levels' ranges, the disk cache, and the Dice of the best-mode masks made with each range."""
+    config = PipelineConfig.for_mode("best")
+    percentiles = config.preprocess.clip_percentiles
+    exact_runs, window_runs = [], []
+    for _ in range(repeats):  # interleaved, so that both see the same load
+        with _fresh(path) as stack:
+            window_runs.append(_timed_cpu(lambda: stack_intensity_range(stack, 0, percentiles)))
+        with _fresh(path) as stack:
+            exact_runs.append(_timed_cpu(lambda: stack_intensity_range(stack, 0, percentiles, exact_pixels=1 << 62)))
+    exact, windows = exact_runs[0][2], window_runs[0][2]
+    span = exact[1] - exact[0]
+
+    def gaps(found: tuple[float, float]) -> dict:
+        return {"low_gap_of_range": (found[0] - exact[0]) / span, "high_gap_of_range": (found[1] - exact[1]) / span}
+
+    with _fresh(path) as stack:
+        method = range_method(stack.shape[0], stack.shape[2:])
+    rows: dict[str, dict] = {"stack_range": {
+        "method": method, "exact": list(exact), "windows": list(windows), **gaps(windows),
+        "exact_s_median": float(np.median([r[0] for r in exact_runs])),
+        "exact_cpu_s_median": float(np.median([r[1] for r in exact_runs])),
+        "windows_s_median": float(np.median([r[0] for r in window_runs])),
+        "windows_cpu_s_median": float(np.median([r[1] for r in window_runs])), "runs": repeats,
+        "note": "gaps: (windows - exact) / (exact high - exact low); each run on a freshly opened stack"}}
+    with _fresh(path) as stack:
+        n_z = stack.shape[0]
+        z_values = np.unique(np.linspace(0, n_z - 1, min(16, n_z)).round().astype(int))
+        for level in range(1, min(3, stack.n_levels)):
+            planes = [p for _, p in stack.read_slices([level_plane_index(stack, int(z), level) for z in z_values],
+                                                      0, level=level)]
+            found = pooled_intensity_range(planes, percentiles)
+            rows[f"stack_range_pyramid_level{level}"] = {"range": list(found), **gaps(found),
+                                                         "shape": list(stack.level_shape(level))}
+        cache = EmbeddingCache(folder / "range-cache")
+        stack_intensity_range(stack, 0, percentiles, cache=cache)
+        seconds, again = _timed(lambda: stack_intensity_range(stack, 0, percentiles, cache=cache))
+        assert again == windows, "the disk cache must give the computed range back"
+        rows["stack_range_from_disk_cache"] = {"s": seconds}
+        z = n_z // 2 + 1
+        backbone = load_backbone("filterbank")
+        embedders = [SliceEmbedder(stack, 0, backbone, config.preprocess, stack_range=found) for found in (exact, windows)]
+        points = _clicks(embedders[0].raw(z), z)
+        for classifier in ("forest", "linear"):
+            chosen = config.with_options(pixel_classifier=classifier) if classifier != config.pixel_classifier else config
+            masks = [Scorer(build_prototype(which, points, chosen)).segment(which, z).mask for which in embedders]
+            rows[f"dice_range_exact_vs_windows_{classifier}"] = {
+                "dice": float(dice(masks[0], masks[1])), "mask_fraction": float(masks[0].mean()),
+                "note": "each embedder with its own (subsampled) pixel statistics"}
     return rows
 
 
@@ -339,6 +400,8 @@ def main() -> None:
             print(f"wrote {path.name}: levels {levels}, {path.stat().st_size / 1e6:.0f} MB, in {seconds:.0f} s", flush=True)
         results = {"slice_change": slice_change(path, repeats)}
         _print(results["slice_change"])
+        results["intensity_range"] = intensity_range(path, Path(scratch), repeats)
+        _print(results["intensity_range"])
         results["statistics"] = statistics_and_first_mask(path, Path(scratch))
         _print(results["statistics"])
         planes = list(range(min(args.planes, shape[0])))

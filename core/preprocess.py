@@ -111,6 +111,15 @@ def pooled_intensity_range(slices: list[np.ndarray], percentiles: tuple[float, f
     return _finite_percentiles(pooled, percentiles)
 
 
+def sample_intensity_range(values: np.ndarray, percentiles: tuple[float, float] = (5.0, 95.0)) -> tuple[float, float]:
+    """Percentiles of every value of a pixel sample, e.g. windows of a stack's slices pooled (no subsampling).
+
+    values : any shape, any real dtype (NaN and inf are ignored). Returns (low, high); StackError when no value
+    is finite.
+    """
+    return _finite_percentiles(np.asarray(values).ravel(), percentiles)
+
+
 def _finite_percentiles(values: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
     """(low, high) percentiles of the finite values (float images may hold NaN or inf where nothing was
     measured); StackError when there is no finite value at all."""

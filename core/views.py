@@ -33,6 +33,7 @@ from scipy import ndimage
 
 from core.errors import OptionError
 from core.io.base import Stack, VoxelSize
+from core.io.preview import preview_level
 
 __all__ = [
     "OrthoViews",
@@ -153,14 +154,10 @@ class StackPlanes:
 def choose_level(stack: Stack, max_side: int = 512) -> int:
     """The coarsest resolution level whose planes still have ``max_side`` pixels across (0 when none has).
 
-    More pixels than the display shows cost reads and show nothing more; fewer look blurred.
+    More pixels than the display shows cost reads and show nothing more; fewer look blurred. The rule is
+    `core.io.preview.preview_level`'s (the slice previews), so both views pick the same level.
     """
-    best = 0
-    for level in range(stack.n_levels):
-        _, n_y, n_x = stack.level_shape(level)
-        if max(n_y, n_x) >= max_side:
-            best = level
-    return best
+    return preview_level(stack, max_side)
 
 
 def read_cost(stack: Stack, level: int) -> tuple[int, int]:

@@ -1,7 +1,9 @@
-"""Best mode's per-stack pixel statistics: exact for small stacks, a window subsample for large ones, on disk.
+"""Best mode's per-stack statistics: exact for small stacks, a window subsample for large ones, on disk.
 
-The rule (`statistics_method`) keeps the exact statistics for the stacks of docs/RESULTS.md, so those
-results cannot move; the subsample is checked against the exact statistics on synthetic stacks.
+Two statistics: the pixel-feature mean and std (`SliceEmbedder.pixel_statistics`) and the stack-wide
+intensity range (`stack_intensity_range`). Their rules (`statistics_method`, `range_method`) keep the exact
+values for the stacks of docs/RESULTS.md, so those results cannot move; the subsamples are checked against
+the exact values on synthetic stacks.
 """
 
 from __future__ import annotations
@@ -13,18 +15,26 @@ import pytest
 import tifffile
 
 import core.features.embedding as embedding
+from core.errors import StackError
 from core.features.backbones import load_backbone
 from core.features.embedding import (
+    EXACT_RANGE_PIXELS,
     EXACT_STATS_PIXELS,
     SliceEmbedder,
+    range_cells,
+    range_method,
+    stack_intensity_range,
     statistics_method,
     window_features,
     window_origins,
 )
-from core.features.embedding_cache import EmbeddingCache, StatisticsKey
+from core.features.embedding_cache import EmbeddingCache, RangeKey, StatisticsKey
 from core.io import open_stack
+from core.io.chunks import ZChunkCache
+from core.io.ims import ImsStack
 from core.pixels import feature_statistics, filter_features
-from core.preprocess import PreprocessConfig, normalized_slice
+from core.preprocess import PreprocessConfig, normalized_slice, pooled_intensity_range
+from helpers_io import write_ims
 
 STACK_NORM = PreprocessConfig(normalization="stack")
 
@@ -170,3 +180,176 @@ def test_a_damaged_or_foreign_statistics_file_is_a_miss(tmp_path):
     np.testing.assert_array_equal(mean, np.array([1.5, -2.25], np.float32))
     np.testing.assert_array_equal(std, np.array([0.1, 3.0], np.float32))
     assert cache.clear() == 1 and cache.get_statistics(key) is None
+
+
+# ---- the stack-wide intensity range ------------------------------------------------------------------
+
+
+def _todays_range(stack, percentiles=(5.0, 95.0)):
+    """The range as stack_intensity_range computed it before windows existed: 16 whole slices, one at a time."""
+    n_z = stack.shape[0]
+    z_values = np.unique(np.linspace(0, n_z - 1, min(16, n_z)).round().astype(int))
+    return pooled_intensity_range([stack.read_slice(int(z), 0) for z in z_values], percentiles)
+
+
+def _illuminated_planes(n_z, n_y, n_x, seed=0):
+    """(Z, Y, X) uint16: blobs under a radial falloff (dim borders) with noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:n_y, :n_x]
+    light = 1 - 0.4 * (((yy - n_y / 2) / n_y) ** 2 + ((xx - n_x / 2) / n_x) ** 2) * 4
+    planes = []
+    for z in range(n_z):
+        blobs = (np.sin(xx / 23.0 + z / 3) * np.sin(yy / 17.0) > 0.6) * 900.0
+        planes.append(np.clip(300 + blobs * light + rng.normal(0, 50, (n_y, n_x)), 0, 65535).astype(np.uint16))
+    return np.stack(planes)
+
+
+def test_the_range_rule_keeps_the_results_stacks_exact_and_windows_large_ones():
+    # docs/RESULTS.md: vesselNN 14..25 x 512 x 512, ISBI 30 x 512 x 512, DSB single images up to 1040 x 1388
+    for n_slices, shape in [(14, (512, 512)), (25, (512, 512)), (30, (512, 512)), (1, (1040, 1388))]:
+        assert range_method(n_slices, shape) == f"exact-v1:n{min(16, n_slices)}"
+    assert range_method(64, (3050, 2933)) == "windows-v1:n16:k256:w128"
+    assert range_method(64, (1024, 1024)) == "exact-v1:n16"  # 16 x 1 Mpx = the budget
+    assert range_method(64, (1024, 1025)).startswith("windows")
+    assert range_method(4, (2048, 2048)).startswith("exact") and range_method(5, (2048, 2048)).startswith("windows")
+    assert EXACT_RANGE_PIXELS == 16 * 2**20
+
+
+def test_a_small_stack_gets_todays_range_bit_for_bit(tmp_path):
+    path = _stack_file(tmp_path, n_z=20, n_y=64, n_x=48)
+    with open_stack(path) as stack:
+        assert stack_intensity_range(stack, 0) == _todays_range(stack)
+        assert stack_intensity_range(stack, 0, (1.0, 99.5)) == _todays_range(stack, (1.0, 99.5))
+
+
+@pytest.mark.shared_data
+def test_the_vesselnn_ranges_are_unchanged(shared_data):
+    path = shared_data / "vesselnn" / "images" / "burgess2014_bbbDisruption.tif"  # 15 x 512 x 512
+    with open_stack(path) as stack:
+        found = stack_intensity_range(stack, 0)
+        assert found == _todays_range(stack) == (6.0, 61.0)
+
+
+def test_range_cells_are_grid_cells_with_every_pixel_equally_likely():
+    cells = range_cells(1600, (512, 512), 128)
+    counts = np.zeros((4, 4), int)
+    for row, col in cells:
+        assert row % 128 == 0 and col % 128 == 0
+        counts[row // 128, col // 128] += 1
+    assert counts.min() >= 85 and counts.max() <= 115  # 100 each, the border cells as often as the middle ones
+    # a 300 x 200 slice: 3 x 2 cells, the last row of cells 44 px high
+    assert {row for row, _ in range_cells(100, (300, 200), 128)} == {0, 128, 256}
+    assert {col for _, col in range_cells(100, (300, 200), 128)} == {0, 128}
+    # R2: u = (0.5 + 0.75488) % 1 = 0.25488, v = 0.06984 -> cell (0, 0) of 2 x 2; then u = 0.00976, v = 0.63968
+    assert range_cells(2, (256, 256), 128) == [(0, 0), (0, 128)]
+
+
+def _two_cell_stack(tmp_path, dtype=np.uint16):
+    """2 x 256 x 256: the windows (2 in all, monkeypatched) are z=0's cell (0, 0) and z=1's cell (0, 128)."""
+    data = np.full((2, 256, 256), 1000, dtype)
+    data[0, :128, :128] = 10  # z=0's window
+    data[0, 200, 200] = 5  # outside every window
+    data[1, :128, 128:] = 20  # z=1's window
+    data[1, 0, 130] = 70
+    data[1, 255, 0] = 9000  # outside every window
+    path = tmp_path / "two_cells.tif"
+    tifffile.imwrite(path, data, photometric="minisblack")
+    return path, data
+
+
+def test_a_large_stack_pools_its_windows(tmp_path, monkeypatch):
+    monkeypatch.setattr(embedding, "RANGE_WINDOWS", 2)
+    path, _ = _two_cell_stack(tmp_path)
+    with open_stack(path) as stack:
+        assert stack_intensity_range(stack, 0, (0.0, 100.0)) == (5.0, 9000.0)  # the whole slices
+        assert stack_intensity_range(stack, 0, (0.0, 100.0), exact_pixels=0) == (10.0, 70.0)  # the two windows
+
+
+def test_windows_without_a_finite_value_fall_back_to_whole_slices(tmp_path, monkeypatch):
+    monkeypatch.setattr(embedding, "RANGE_WINDOWS", 2)
+    data = np.full((2, 256, 256), np.nan, np.float32)
+    data[0, 200, 200], data[1, 130, 0] = 2.5, 7.5  # outside both windows
+    path = tmp_path / "nan.tif"
+    tifffile.imwrite(path, data, photometric="minisblack")
+    with open_stack(path) as stack:
+        assert stack_intensity_range(stack, 0, (0.0, 100.0), exact_pixels=0) == (2.5, 7.5)
+    tifffile.imwrite(path, np.full((2, 256, 256), np.nan, np.float32), photometric="minisblack")
+    with open_stack(path) as stack, pytest.raises(StackError, match="no finite pixel values"):
+        stack_intensity_range(stack, 0, exact_pixels=0)
+
+
+def test_windows_read_as_regions_of_an_ims_equal_windows_cut_from_whole_planes(tmp_path, monkeypatch):
+    volume = _illuminated_planes(20, 300, 280)
+    ims_path = write_ims(tmp_path / "lit.ims", volume[None, None], chunks=(8, 64, 64))
+    tif_path = tmp_path / "lit.tif"
+    tifffile.imwrite(tif_path, volume, photometric="minisblack")
+    regions = []
+    with ImsStack(ims_path, chunk_cache=ZChunkCache(1 << 30, min_block_bytes=0)) as stack:
+        real = stack.read_region
+        monkeypatch.setattr(stack, "read_region", lambda *a, **k: regions.append(k["rows"]) or real(*a, **k))
+        from_regions = stack_intensity_range(stack, 0, exact_pixels=0)
+    assert len(regions) == 256  # 16 per sampled slice, each one grid cell (no z-chunk was decoded)
+    with open_stack(tif_path) as stack:
+        from_planes = stack_intensity_range(stack, 0, exact_pixels=0)  # TIFF planes are cheap: cut from them
+        exact = stack_intensity_range(stack, 0)
+    assert from_regions == from_planes
+    span = exact[1] - exact[0]
+    assert abs(from_planes[0] - exact[0]) < 0.02 * span and abs(from_planes[1] - exact[1]) < 0.02 * span
+
+
+def test_the_range_is_stored_next_to_the_embeddings_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setattr(embedding, "RANGE_WINDOWS", 2)
+    path, _ = _two_cell_stack(tmp_path)
+    cache = EmbeddingCache(tmp_path / "cache")
+    with open_stack(path) as stack:
+        first = stack_intensity_range(stack, 0, (0.0, 100.0), exact_pixels=0, cache=cache)
+    assert first == (10.0, 70.0)
+    files = list((tmp_path / "cache").glob("*.range.json"))
+    assert len(files) == 1
+    record = json.loads(files[0].read_text())
+    assert record["key"]["method"] == "windows-v1:n2:k2:w128" and record["key"]["percentiles"] == [0.0, 100.0]
+    assert record["key"]["channel"] == 0 and record["key"]["timepoint"] == 0 and "two_cells.tif" in record["key"]["file_signature"]
+    assert (record["low"], record["high"]) == (10.0, 70.0)
+
+    with open_stack(path) as stack:
+        def no_reads(*args, **kwargs):
+            raise AssertionError("a cached range must not read pixels")
+
+        monkeypatch.setattr(stack, "read_slice", no_reads)
+        monkeypatch.setattr(stack, "read_region", no_reads)
+        monkeypatch.setattr(stack, "read_slices", no_reads)
+        assert stack_intensity_range(stack, 0, (0.0, 100.0), exact_pixels=0, cache=cache) == first
+        with pytest.raises(AssertionError, match="must not read pixels"):  # other percentiles: another entry
+            stack_intensity_range(stack, 0, (1.0, 100.0), exact_pixels=0, cache=cache)
+        with pytest.raises(AssertionError, match="must not read pixels"):  # the other rule: another entry
+            stack_intensity_range(stack, 0, (0.0, 100.0), cache=cache)
+
+
+def test_a_best_mode_embedder_gets_its_range_from_the_disk_cache(tmp_path, monkeypatch):
+    path = _stack_file(tmp_path, n_z=6)
+    cache = EmbeddingCache(tmp_path / "cache")
+    first = _embedder(path, cache=cache)
+    with open_stack(path) as stack:
+        assert first.stack_range == _todays_range(stack)  # computed in the constructor, as before
+    assert len(list((tmp_path / "cache").glob("*.range.json"))) == 1
+    stack = open_stack(path)
+    monkeypatch.setattr(stack, "read_slices", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
+    second = SliceEmbedder(stack, 0, load_backbone("filterbank"), STACK_NORM, cache=cache)
+    assert second.stack_range == first.stack_range and second.cache_key == first.cache_key
+    stack.close()
+
+
+def test_a_damaged_or_foreign_range_file_is_a_miss(tmp_path):
+    cache = EmbeddingCache(tmp_path)
+    key = RangeKey("file|1|2|abc", 0, 0, (5.0, 95.0), "exact-v1:n16")
+    path = tmp_path / f"{key.digest()}.range.json"
+    for text in ("{not json", json.dumps({"key": {}, "low": 1, "high": 2}),
+                 json.dumps({"key": json.loads(key.as_json()), "low": "a", "high": 2}),
+                 json.dumps({"key": json.loads(key.as_json()), "low": 1}),
+                 json.dumps({"key": json.loads(key.as_json()), "low": True, "high": 2})):
+        path.write_text(text)
+        assert cache.get_range(key) is None
+    cache.put_range(key, 207.0, 998.125)
+    assert cache.get_range(key) == (207.0, 998.125)
+    assert cache.get_range(RangeKey("file|1|2|abc", 1, 0, (5.0, 95.0), "exact-v1:n16")) is None  # another channel
+    assert cache.clear() == 1 and cache.get_range(key) is None

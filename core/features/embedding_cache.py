@@ -12,7 +12,8 @@ reads a shared one, and every access opens and closes the HDF5 file.
 
 Beside the embeddings, the same directory keeps best mode's per-stack pixel-feature statistics, one JSON file
 per `StatisticsKey` (``<digest>.stats.json``: the key and the (F,) mean and std as numbers; written atomically,
-so readers see the old file or the new one, never half of one).
+so readers see the old file or the new one, never half of one), and best mode's stack-wide intensity range, one
+JSON file per `RangeKey` (``<digest>.range.json``: the key and the (low, high) range), written the same way.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from core.io.atomic import write_text
 _HEAD_BYTES = 4 * 1024 * 1024
 CACHE_FORMAT = "protoscope-embedding-cache-v1"
 STATS_FORMAT = "protoscope-pixel-statistics-v1"
+RANGE_FORMAT = "protoscope-intensity-range-v1"
 
 
 def default_cache_dir() -> Path:
@@ -101,6 +103,30 @@ class StatisticsKey:
 
     def as_json(self) -> str:
         return json.dumps({"format": STATS_FORMAT, **asdict(self)}, sort_keys=True)
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.as_json().encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class RangeKey:
+    """What a stack's stack-wide intensity range depends on (best mode's normalisation).
+
+    file_signature : the stack's identity (`file_signature`). percentiles : (low, high) clip percentiles in %.
+    method : how the range was sampled (whole slices or windows, with the parameters; see
+    `core.features.embedding.range_method`).
+    """
+
+    file_signature: str
+    channel: int
+    timepoint: int
+    percentiles: tuple[float, float]
+    method: str
+
+    def as_json(self) -> str:
+        record = {"format": RANGE_FORMAT, **asdict(self)}
+        record["percentiles"] = [float(p) for p in self.percentiles]
+        return json.dumps(record, sort_keys=True)
 
     def digest(self) -> str:
         return hashlib.sha256(self.as_json().encode()).hexdigest()[:32]
@@ -229,10 +255,37 @@ class EmbeddingCache:
         except (OutputError, OSError) as error:
             raise CacheError(f"cannot write the statistics cache file {self._statistics_path(key)}: {error}") from None
 
+    # ---- per-stack intensity range ----------------------------------------------------------------------
+
+    def _range_path(self, key: RangeKey) -> Path:
+        return self.directory / f"{key.digest()}.range.json"
+
+    def get_range(self, key: RangeKey) -> tuple[float, float] | None:
+        """Stored (low, high) intensities, or None (missing, stale, unreadable or malformed)."""
+        try:
+            record = json.loads(self._range_path(key).read_text(encoding="utf-8"))
+            if record.get("key") != json.loads(key.as_json()):
+                return None
+            low, high = record["low"], record["high"]
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return None
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in (low, high)):
+            return None
+        return float(low), float(high)
+
+    def put_range(self, key: RangeKey, low: float, high: float) -> None:
+        """Store (low, high); Python floats survive the JSON round trip exactly."""
+        record = {"key": json.loads(key.as_json()), "low": float(low), "high": float(high)}
+        try:
+            write_text(self._range_path(key), json.dumps(record), overwrite=True)
+        except (OutputError, OSError) as error:
+            raise CacheError(f"cannot write the intensity-range cache file {self._range_path(key)}: {error}") from None
+
     def clear(self) -> int:
         """Delete every cache file in the directory; returns how many were removed."""
         removed = 0
-        for path in [*self.directory.glob("*.h5"), *self.directory.glob("*.stats.json")]:
+        for path in [*self.directory.glob("*.h5"), *self.directory.glob("*.stats.json"),
+                     *self.directory.glob("*.range.json")]:
             path.unlink(missing_ok=True)
             removed += 1
         for path in self.directory.glob("*.lock"):
@@ -240,4 +293,5 @@ class EmbeddingCache:
         return removed
 
     def size_bytes(self) -> int:
-        return sum(path.stat().st_size for pattern in ("*.h5", "*.stats.json") for path in self.directory.glob(pattern))
+        return sum(path.stat().st_size for pattern in ("*.h5", "*.stats.json", "*.range.json")
+                   for path in self.directory.glob(pattern))

@@ -60,7 +60,8 @@ class PlaneView:
 
 def preview_level(stack: Stack, max_side: int) -> int:
     """The coarsest resolution level whose planes still have at least `max_side` pixels on their longer
-    side; 0 when no coarser level has (or the stack has no pyramid)."""
+    side; 0 when no coarser level has (or the stack has no pyramid). The one level rule: the orthogonal
+    views (`core.views.choose_level`) use it too."""
     best = 0
     for level in range(1, stack.n_levels):
         _, n_y, n_x = stack.level_shape(level)
