@@ -26,6 +26,10 @@ from core.thresholds import ThresholdSpec
 MAX_Z_SIGMA = 100.0
 MAX_AUGMENT_RADIUS = 16
 MAX_CLOSING_PX = 25
+#: self_training scores this many target slices at most (each costs a forest prediction of the whole slice).
+MAX_SELF_TRAINING = 32
+#: border_rays looks for the edge along this many rays per positive click at most (each adds one example).
+MAX_BORDER_RAYS = 64
 
 
 class Mode(str, Enum):
@@ -90,6 +94,9 @@ class PipelineConfig:
     augment_radius: int = 2
     patch_components: int = 0
     cleanup: Cleanup = field(default_factory=Cleanup)
+    transfer_clip: float = 0.0  # core.transfer: upper percentile of the transfer features' normalisation; 0 = off
+    self_training: int = 0  # core.transfer: target slices pseudo-labelled for a refit on the target; 0 = off
+    border_rays: int = 0  # core.transfer: negative examples just outside the structure per positive click; 0 = off
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.negative_weight <= 2.0:
@@ -106,6 +113,16 @@ class PipelineConfig:
         _check_whole("pixel_max_side", self.pixel_max_side, 64, "pixels")
         _check_whole("augment_radius", self.augment_radius, 0, "pixels", MAX_AUGMENT_RADIUS)
         _check_whole("patch_components", self.patch_components, 0, "principal components; 0 = none")
+        low = self.preprocess.clip_percentiles[0]
+        if isinstance(self.transfer_clip, bool) or not isinstance(self.transfer_clip, (int, float)) \
+                or not (self.transfer_clip == 0 or low < self.transfer_clip <= 100):
+            raise OptionError(f"option transfer_clip must be 0 (off) or a percentile above clip_low ({low:g}) and <= 100, "
+                              f"got {self.transfer_clip!r}")
+        _check_whole("self_training", self.self_training, 0, "target slices; 0 = off", MAX_SELF_TRAINING)
+        _check_whole("border_rays", self.border_rays, 0, "rays per positive click; 0 = off", MAX_BORDER_RAYS)
+        if self.self_training and not self.transfer_clip:
+            raise OptionError("option self_training needs transfer_clip (the transferred classifier labels the target); "
+                              "set transfer_clip=99.5, or self_training=0")
 
     @property
     def uses_pixels(self) -> bool:
@@ -173,6 +190,9 @@ class PipelineConfig:
             "augment_radius": self.augment_radius,
             "patch_components": self.patch_components,
             "cleanup": dataclasses.asdict(self.cleanup),
+            "transfer_clip": self.transfer_clip,
+            "self_training": self.self_training,
+            "border_rays": self.border_rays,
         }
 
     @classmethod
@@ -201,6 +221,9 @@ class PipelineConfig:
                 augment_radius=_whole(data, "augment_radius", 2),
                 patch_components=_whole(data, "patch_components", 0),
                 cleanup=_cleanup(data.get("cleanup", {})),
+                transfer_clip=_number(data, "transfer_clip", 0.0),
+                self_training=_whole(data, "self_training", 0),
+                border_rays=_whole(data, "border_rays", 0),
             )
         except OptionError:
             raise
@@ -223,10 +246,14 @@ class PipelineConfig:
             parts.append(f"z_sigma={self.z_sigma:g}")
         if self.uses_pixels:
             parts.append(f"pixels={self.pixel_classifier}(max_side={self.pixel_max_side},r={self.augment_radius}"
-                         + (f",patch_pcs={self.patch_components}" if self.patch_components else "") + ")")
+                         + (f",patch_pcs={self.patch_components}" if self.patch_components else "")
+                         + (f",border_rays={self.border_rays}" if self.border_rays else "") + ")")
         if self.cleanup.active:
             parts.append("cleanup(" + ",".join(f"{name}={value}" for name, value in dataclasses.asdict(self.cleanup).items()
                                                if value) + ")")
+        if self.uses_pixels and self.transfer_clip:
+            parts.append(f"transfer(clip={self.transfer_clip:g}" + (f",self_training={self.self_training}"
+                                                                     if self.self_training else "") + ")")
         return " ".join(parts)
 
 
@@ -251,6 +278,9 @@ OPTION_NAMES = (
     "hole_size_px",
     "min_size_px",
     "closing_px",
+    "transfer_clip",
+    "self_training",
+    "border_rays",
 )
 
 
@@ -296,9 +326,9 @@ def _parse_option(name: str, raw: object) -> object:
         if name in ("normalization", "pixel_classifier", "pixel_standardize"):
             return str(raw)
         if name in ("image_size", "n_prototypes", "knn_k", "min_size_px", "hole_size_px", "closing_px", "pixel_max_side",
-                    "augment_radius", "patch_components"):
+                    "augment_radius", "patch_components", "self_training", "border_rays"):
             return int(raw)  # type: ignore[arg-type]
-        if name in ("clip_low", "clip_high", "negative_weight", "z_sigma"):
+        if name in ("clip_low", "clip_high", "negative_weight", "z_sigma", "transfer_clip"):
             return float(raw)  # type: ignore[arg-type]
         if name == "scoring":
             return raw if isinstance(raw, Scoring) else Scoring(str(raw))
@@ -318,7 +348,7 @@ def _expected(name: str) -> str:
         return "use one of " + ", ".join(s.value for s in Scoring)
     if name == "upsampling":
         return "use one of " + ", ".join(u.value for u in Upsampling)
-    if name in ("clip_low", "clip_high", "negative_weight", "z_sigma"):
+    if name in ("clip_low", "clip_high", "negative_weight", "z_sigma", "transfer_clip"):
         return "expected a number"
     return "expected a whole number"
 

@@ -25,17 +25,11 @@ from core.config import Cleanup, PipelineConfig, Upsampling
 from core.errors import PrototypeError
 from core.grid import grid_to_pixels_nearest, points_to_patches, upsample_bilinear
 from core.io.channels import channel_name
-from core.pixels import (
-    PixelClassifier,
-    PixelFeatureSpace,
-    combined_features,
-    example_pixels,
-    feature_statistics,
-    fit_projection,
-)
+from core.pixels import PixelClassifier, example_pixels
 from core.preprocess import pooled_intensity_range
 from core.prototypes import PointSet, Prototype, build_references, collect_examples, now_iso
 from core.scoring import score_embeddings
+from core.transfer import TransferModels, border_examples, example_features, local_examples
 from core.thresholds import ThresholdSpec, apply_threshold, calibrate_threshold, threshold_value
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -164,12 +158,15 @@ def segment_pixel_map(
 ) -> SliceSegmentation:
     """Threshold a working-resolution pixel score map (bilinearly brought to (Y, X))."""
     spec = threshold or config.threshold
-    scores = score_map if score_map.shape == tuple(slice_shape) else upsample_bilinear(score_map, slice_shape)
+    if score_map.shape == tuple(slice_shape):
+        scores = score_map.astype(np.float32)  # a copy: the result's score_map and scores are separate arrays
+    else:
+        scores = upsample_bilinear(score_map, slice_shape)  # a new float32 array (no second copy at 3k x 3k)
     mask = apply_threshold(scores, spec, calibrated)
     value = threshold_value(scores, spec, calibrated)
     if config.cleanup.active:
         mask = clean_mask(mask, config.cleanup)
-    return SliceSegmentation(score_map.astype(np.float32), scores.astype(np.float32), mask.astype(bool), value)
+    return SliceSegmentation(score_map.astype(np.float32), scores, np.asarray(mask, dtype=bool), value)
 
 
 def scores_at_points(scores: np.ndarray, xy: np.ndarray, slice_shape: tuple[int, int]) -> np.ndarray:
@@ -190,17 +187,25 @@ def _uses_patch_components(embedder: "SliceEmbedder", config: PipelineConfig) ->
     return config.patch_components > 0 and embedder.backbone.spec.family != "filterbank"
 
 
-def pixel_feature_map(embedder: "SliceEmbedder", z: int, config: PipelineConfig, prototype: Prototype | None) -> np.ndarray:
-    """(h, w, F') standardised pixel features of slice z at the working resolution (core.pixels)."""
-    filters = embedder.pixel_filters(z, config.pixel_max_side)
-    if config.pixel_standardize == "slice":
-        mean, std = feature_statistics([filters])
-    else:
-        mean, std = embedder.pixel_statistics(config.pixel_max_side)
-    projection = prototype.pixel_projection if prototype is not None else None
-    space = PixelFeatureSpace(mean, std, projection, prototype.pixel_projection_mean if prototype is not None else None)
-    patches = embedder.embed(z) if projection is not None else None
-    return combined_features(filters, space, patches)
+PatchBasis = tuple[np.ndarray, np.ndarray]  # ((D, k) basis, (D,) mean): PCA of patch embeddings (fit_projection)
+
+
+def pixel_feature_map(
+    embedder: "SliceEmbedder", z: int, config: PipelineConfig, prototype: Prototype | None, *,
+    basis: PatchBasis | None = None,
+) -> np.ndarray:
+    """(h, w, F') float32 standardised pixel features of slice z at the working resolution (core.pixels), read-only.
+
+    The patch-embedding components use the prototype's PCA basis (``basis`` when no prototype is given; none
+    when neither has one). Memoised per slice by the embedder (``SliceEmbedder.pixel_feature_map``): every
+    click and scorer of a slice reads the same array.
+    """
+    if prototype is not None:
+        basis = None if prototype.pixel_projection is None else (prototype.pixel_projection,
+                                                                 prototype.pixel_projection_mean)
+    return embedder.pixel_feature_map(z, config.pixel_max_side, standardize=config.pixel_standardize,
+                                      projection=None if basis is None else basis[0],
+                                      projection_mean=None if basis is None else basis[1])
 
 
 class Scorer:
@@ -217,9 +222,10 @@ class Scorer:
                     "rebuild it in best mode or use pixel_classifier=none"
                 )
 
-            self.pixel_model = PixelClassifier(
-                self.config.pixel_classifier, prototype.pixel_positive_examples, prototype.pixel_negative_examples
-            )
+            self.pixel_model = PixelClassifier(self.config.pixel_classifier, *local_examples(prototype))
+            # other stacks: core.transfer's classifiers when the examples carry a transfer block
+            self.transfer = TransferModels(prototype, self.config,
+                                           lambda embedder, z: pixel_feature_map(embedder, z, self.config, self.prototype))
 
     @property
     def pixel_level(self) -> bool:
@@ -228,6 +234,8 @@ class Scorer:
     def score_map(self, embedder: "SliceEmbedder", z: int) -> np.ndarray:
         """Raw score map of slice z: (h, w) patch grid, or working-resolution pixel scores."""
         if self.pixel_model is not None:
+            if self.transfer.applies(embedder):
+                return self.transfer.score_map(embedder, z)
             return self.pixel_model.score(pixel_feature_map(embedder, z, self.config, self.prototype))
         return grid_scores(embedder.embed(z), self.prototype, self.config)
 
@@ -244,6 +252,8 @@ class Scorer:
             score_map = self.score_map(embedder, z)
         calibrated = self.prototype.calibrated_threshold
         if self.pixel_model is not None:
+            if self.transfer.applies(embedder):
+                calibrated = 0.0  # the transferred classifiers cut at p = 0.5 (the clicks were on another stack)
             return segment_pixel_map(score_map, embedder.slice_shape, self.config, calibrated=calibrated, threshold=threshold)
         guide = embedder.normalized(z) if self.config.upsampling is Upsampling.GUIDED else None
         return segment_scores(
@@ -283,17 +293,27 @@ def build_scorer(
     config: PipelineConfig,
     *,
     seed: int = 0,
+    stack_basis: bool = False,
+    calibrate: bool = True,
 ) -> Scorer:
     """Like ``build_prototype``, but returns the ready Scorer (its ``.prototype`` is the new prototype), so
-    that the pixel classifier fitted for calibration is not fitted again."""
+    that the pixel classifier fitted for calibration is not fitted again.
+
+    stack_basis : for the patch components of best mode with a ViT backbone, use the PCA basis fitted once per
+        stack (``SliceEmbedder.patch_basis(per_stack=True)``, as the app does) instead of the basis of the
+        points' slices (the default, which evaluations use: the same points give the same prototype).
+    calibrate : calibrate the threshold on the points (False: no calibrated threshold, and no score map computed
+        for it; the app's patch preview, which thresholds nothing).
+    """
     _check_points(embedder, points, config)
     embeddings = {z: embedder.embed(z) for z in points.slices}
     positive, negative = collect_examples(points, embeddings.__getitem__, embedder.slice_shape)
     prototype = _points_prototype(embedder, points, config, positive, negative, seed)
     point_features = None
     if config.uses_pixels:
-        prototype, point_features = _with_pixel_examples(embedder, prototype, embeddings, seed=seed)
-    return _calibrated(embedder, prototype, point_features)
+        prototype, point_features = _with_pixel_examples(embedder, prototype, embeddings, seed=seed,
+                                                         stack_basis=stack_basis)
+    return _calibrated(embedder, prototype, point_features) if calibrate else Scorer(prototype)
 
 
 def _check_points(embedder: "SliceEmbedder", points: PointSet, config: PipelineConfig) -> None:
@@ -366,7 +386,7 @@ PointFeatures = dict[int, tuple[np.ndarray, np.ndarray]]  # z -> (positive, nega
 
 def _with_pixel_examples(
     embedder: "SliceEmbedder", prototype: Prototype, embeddings: dict[int, np.ndarray], *, seed: int = 0,
-    fit_basis: bool = True,
+    fit_basis: bool = True, stack_basis: bool = False,
 ) -> tuple[Prototype, PointFeatures]:
     """The prototype with its pixel examples (clicked pixels and their neighbours; at most
     MAX_PIXEL_EXAMPLES per class, a seeded subsample beyond), and the features at the clicked pixels
@@ -374,29 +394,42 @@ def _with_pixel_examples(
 
     fit_basis : fit the patch-embedding PCA basis on these slices (False: keep the prototype's, as an
         adapted prototype must, so that its examples and the base's live in one feature space).
+    stack_basis : take the stack's basis (``SliceEmbedder.patch_basis(per_stack=True)``) rather than these
+        slices' (see ``build_scorer``).
     """
 
     config = prototype.config
     if fit_basis and _uses_patch_components(embedder, config):
-        basis, mean = fit_projection(np.concatenate([e.reshape(-1, e.shape[-1]) for e in embeddings.values()]), config.patch_components)
+        basis, mean = embedder.patch_basis(config.patch_components, list(embeddings), per_stack=stack_basis)
         prototype = dataclasses.replace(prototype, pixel_projection=basis, pixel_projection_mean=mean)
+    basis = None if prototype.pixel_projection is None else (prototype.pixel_projection, prototype.pixel_projection_mean)
+    positive, negative, at_points = pixel_examples(embedder, prototype.points, config, basis, seed=seed)
+    prototype = dataclasses.replace(prototype, pixel_positive_examples=positive, pixel_negative_examples=negative)
+    return prototype, at_points
+
+
+def pixel_examples(
+    embedder: "SliceEmbedder", points: PointSet, config: PipelineConfig, basis: PatchBasis | None, *, seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, PointFeatures]:
+    """Best mode's pixel examples of ``points``: (positive (N, F'), negative (M, F')) float32 feature rows of the
+    clicked pixels and their neighbours within ``config.augment_radius`` (at most MAX_PIXEL_EXAMPLES per class,
+    a subsample seeded by ``seed`` beyond), and per slice the rows under the clicked pixels themselves (what
+    calibration scores). ``basis`` : the PCA basis of the patch components, or None."""
     positive: list[np.ndarray] = []
     negative: list[np.ndarray] = []
     at_points: PointFeatures = {}
-    for z in prototype.points.slices:
-        features = pixel_feature_map(embedder, z, config, prototype)
-        pos_xy, neg_xy = prototype.points.on_slice(z)
+    for z in points.slices:
+        features = pixel_feature_map(embedder, z, config, None, basis=basis)
+        examples_map = example_features(embedder, z, config, features)  # + core.transfer's block when on
+        pos_xy, neg_xy = points.on_slice(z)
         for xy, bucket in ((pos_xy, positive), (neg_xy, negative)):
             cells = example_pixels(xy, embedder.slice_shape, features.shape[:2], config.augment_radius)
-            bucket.append(features[cells[:, 0], cells[:, 1]])
+            bucket.append(examples_map[cells[:, 0], cells[:, 1]])
+        negative.append(border_examples(embedder, z, config, pos_xy, neg_xy, examples_map))  # none unless border_rays
         at_points[z] = tuple(_features_at(features, xy, embedder.slice_shape) for xy in (pos_xy, neg_xy))
     rng = np.random.default_rng(seed)
-    prototype = dataclasses.replace(
-        prototype,
-        pixel_positive_examples=_at_most(np.concatenate(positive).astype(np.float32), MAX_PIXEL_EXAMPLES, rng),
-        pixel_negative_examples=_at_most(np.concatenate(negative).astype(np.float32), MAX_PIXEL_EXAMPLES, rng),
-    )
-    return prototype, at_points
+    return (_at_most(np.concatenate(positive).astype(np.float32), MAX_PIXEL_EXAMPLES, rng),
+            _at_most(np.concatenate(negative).astype(np.float32), MAX_PIXEL_EXAMPLES, rng), at_points)
 
 
 def _at_most(rows: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:

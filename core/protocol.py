@@ -8,7 +8,12 @@ boundary), build prototypes on that slice and score:
 - ``same-file``:  one reference slice per stack and seed (chosen at random, seeded), applied to every other
                   evaluated slice of the same stack;
 - ``cross-file``: the same reference prototypes applied to every evaluated slice of every other stack
-                  (the transfer matrix, thesis Fig. 4.9 / Table B.1).
+                  (the transfer matrix, thesis Fig. 4.9 / Table B.1);
+- ``adapt``:      quick adapt (not in the thesis; not run unless asked): each reference prototype of stack A plus
+                  ``adapt_points`` positive and negative points (3 + 3) sampled on one slice of every other stack
+                  B (B's own reference slice of that seed, ``reference_slice``), by ``core.pipeline.adapt_scorer``,
+                  applied to every other evaluated slice of B. Same-file (25 + 25 points on B) and cross-file (no
+                  point on B) bracket it; the intensity baseline's adapt is its threshold from B's points alone.
 
 Methods are pipeline variants (``thesis``, ``best`` and any options on top) and two baselines a user
 could script without us: ``otsu`` (Otsu's threshold of the raw slice) and ``intensity`` (Gaussian-smoothed
@@ -38,14 +43,17 @@ from core.features.embedding_cache import EmbeddingCache
 from core.errors import PrototypeError, ProtoscopeError, StackError
 from core.io import Stack, open_stack, stack_label
 from core.metrics import segmentation_scores, summarize
-from core.pipeline import Scorer, build_scorer
+from core.pipeline import Scorer, adapt_scorer, build_scorer
 from core.prototypes import PointSet, Prototype
 from core.sampling import sample_points
 from core.thresholds import ThresholdSpec
 from core.window import ScoreWindow
 
 BASELINES = ("otsu", "intensity")
-SETTINGS = ("same-slice", "same-file", "cross-file")
+SETTINGS = ("same-slice", "same-file", "cross-file")  # the thesis's settings: the default
+ADAPT = "adapt"
+ALL_SETTINGS = (*SETTINGS, ADAPT)
+ADAPT_POINTS = 3  # positive and negative points per class that adapt samples on the target
 NO_CACHE_MEMO_BYTES = 2 << 30  # per stack, when evaluating without a disk cache (bytes)
 
 
@@ -85,6 +93,12 @@ class ProtocolSettings:
     margin_px: int | None = None  # None: half a patch in original pixels
     settings: tuple[str, ...] = SETTINGS
     z_values: tuple[int, ...] | None = None  # explicit slices (every stack) instead of n_slices/skip_ends
+    adapt_points: int = ADAPT_POINTS  # points per class on the target in the adapt setting
+
+    def __post_init__(self) -> None:
+        if isinstance(self.adapt_points, bool) or not isinstance(self.adapt_points, (int, np.integer)) \
+                or self.adapt_points < 1:
+            raise ProtoscopeError(f"adapt needs at least 1 point per class on the target, got {self.adapt_points!r}")
 
 
 @dataclass
@@ -111,11 +125,13 @@ class EvaluationResult:
             table.append(entry)
         return table
 
-    def transfer_matrix(self, method: str, backbone: str) -> dict:
-        """Mean Dice by (reference stack, target stack): same-file on the diagonal, cross-file elsewhere."""
+    def transfer_matrix(self, method: str, backbone: str,
+                        settings: tuple[str, ...] = ("same-file", "cross-file")) -> dict:
+        """Mean Dice by (reference stack, target stack): same-file on the diagonal, cross-file elsewhere
+        (``settings=("adapt",)``: the adapted references, off the diagonal). Cells without rows are (nan, nan)."""
         cells: dict[tuple[str, str], list[float]] = {}
         for row in self.rows:
-            if row["method"] != method or row["backbone"] != backbone or row["setting"] not in ("same-file", "cross-file"):
+            if row["method"] != method or row["backbone"] != backbone or row["setting"] not in settings:
                 continue
             cells.setdefault((row["ref_stack"], row["stack"]), []).append(row["dice"])
         matrix = {}
@@ -221,6 +237,12 @@ def protocol_points(truth: np.ndarray, z: int, seed: int, n_points: int, margin_
         np.column_stack([sampled.positive_xy, np.full(len(sampled.positive_xy), z)]),
         np.column_stack([sampled.negative_xy, np.full(len(sampled.negative_xy), z)]),
     )
+
+
+def reference_slice(z_values: Sequence[int], seed: int) -> int:
+    """The reference slice of a stack for a seed: one of its evaluated slices ``z_values`` (sorted), drawn with the
+    seed. Same-file applies the prototype made there to the stack's other slices; adapt clicks its points there."""
+    return int(z_values[np.random.default_rng(10_000 + seed).integers(len(z_values))])
 
 
 def evaluated_slices(spec: EvalStack, image: Stack, truth: "TruthReader", settings: ProtocolSettings) -> tuple[list[int], list[str]]:
@@ -427,7 +449,7 @@ class _MethodRun:
             label = spec.label
             z_values = entry.z_values
             margin = entry.margin(settings, method.config or PipelineConfig())
-            reference_z = {seed: int(z_values[np.random.default_rng(10_000 + seed).integers(len(z_values))]) for seed in settings.seeds}
+            reference_z = {seed: reference_slice(z_values, seed) for seed in settings.seeds}
             for z in z_values:
                 truth_mask = truth(z)
                 for seed in settings.seeds:
@@ -436,19 +458,24 @@ class _MethodRun:
                             self.record("same-slice", _Reference(label, z, seed), spec, image, truth_mask,
                                         otsu_mask(image.read_slice(z, channel)), z)
                         continue
+                    if "same-slice" not in settings.settings and z != reference_z[seed]:
+                        continue  # only the reference slices' prototypes are needed
                     ref = self.make_reference(label, image, channel, truth_mask, z, seed, margin)
                     if "same-slice" in settings.settings:
                         self.record("same-slice", ref, spec, image, truth_mask,
                                     self.segment(ref, self.window(ref, label), image, channel, z), z)
                     if z == reference_z[seed]:
                         references.append(ref)
-            self.log(f"  {label}: same-slice done ({len(z_values)} slices x {len(settings.seeds)} seeds)")
-        if method.is_otsu_baseline or not ({"same-file", "cross-file"} & set(settings.settings)):
+            done = "same-slice" if "same-slice" in settings.settings else "reference prototypes"
+            self.log(f"  {label}: {done} done ({len(z_values)} slices x {len(settings.seeds)} seeds)")
+        if method.is_otsu_baseline or not ({"same-file", "cross-file", ADAPT} & set(settings.settings)):
             return
         for entry in self.opened:
             spec, image, truth, channel = entry.spec, entry.image, entry.truth, entry.channel
             # one window per reference on this stack: walking z upwards computes each score map once
             windows = [self.window(ref, spec.label) for ref in references]
+            adapted = self.adapted_references(entry, references) if ADAPT in settings.settings else []
+            adapted_windows = [self.window(ref, spec.label) for ref, _ in adapted]
             for z in result.slices[spec.label]:
                 truth_mask = truth(z)
                 for ref, window in zip(references, windows):
@@ -457,7 +484,38 @@ class _MethodRun:
                     if setting not in settings.settings or (same and z == ref.z):
                         continue
                     self.record(setting, ref, spec, image, truth_mask, self.segment(ref, window, image, channel, z), z)
+                for (ref, clicked_z), window in zip(adapted, adapted_windows):
+                    if z != clicked_z:  # the clicked slice is never scored: its points came from its truth
+                        self.record(ADAPT, ref, spec, image, truth_mask, self.segment(ref, window, image, channel, z), z)
             self.log(f"  {spec.label}: transfer targets done")
+
+    def adapted_references(self, entry: OpenedStack, references: list[_Reference]) -> list[tuple[_Reference, int]]:
+        """For target ``entry``, every other stack's reference adapted with ``adapt_points`` + ``adapt_points``
+        points sampled on the target's reference slice of the reference's seed: [(adapted reference, clicked z)].
+
+        The adapted reference keeps the source stack's name and slice (rows say where the base came from). Pipeline
+        methods: ``adapt_scorer`` (the base's examples plus the new ones); the intensity baseline: the threshold
+        halfway between the smoothed intensities at the target's own points (a threshold cannot merge two stacks'
+        intensity scales).
+        """
+        label = entry.label
+        margin = entry.margin(self.settings, self.method.config or PipelineConfig())
+        adapted = []
+        for ref in references:
+            if ref.stack == label:
+                continue
+            clicked_z = reference_slice(entry.z_values, ref.seed)
+            points = protocol_points(entry.truth(clicked_z), clicked_z, ref.seed, self.settings.adapt_points, margin)
+            if ref.intensity is not None:
+                raw = entry.image.read_slice(clicked_z, entry.channel)
+                threshold = intensity_baseline_threshold(raw, points, clicked_z)
+                positive_mean = float(smoothed(raw)[points.positive[:, 1], points.positive[:, 0]].mean())
+                new = _Reference(ref.stack, ref.z, ref.seed, intensity=(threshold, positive_mean >= threshold))
+            else:
+                scorer = adapt_scorer(ref.prototype, self.embedders[label], points, self.method.config, seed=ref.seed)
+                new = _Reference(ref.stack, ref.z, ref.seed, prototype=scorer.prototype, scorer=scorer)
+            adapted.append((new, clicked_z))
+        return adapted
 
 
 # ---- a user's own prototype -----------------------------------------------------------------------------
@@ -489,12 +547,7 @@ def score_prototype(
     its ground truth or the slices (``open_eval_stacks``).
     """
     started = time.perf_counter()
-    if prototype.backbone != backbone.spec.name or prototype.embed_dim != int(backbone.embed_dim):
-        raise PrototypeError(
-            f"the prototype was made with backbone {prototype.backbone!r} ({prototype.embed_dim}-dimensional) but "
-            f"{backbone.spec.name!r} ({backbone.embed_dim}-dimensional) is selected; select {prototype.backbone!r} "
-            "to score it"
-        )
+    _check_backbone(prototype, backbone)
     if not len(z_values):
         raise ProtoscopeError("choose at least one slice to score the prototype on")
     config = config or prototype.config
@@ -515,3 +568,66 @@ def score_prototype(
                                 **mask_scores(mask, entry.truth(z), entry.image)})
     result.seconds = time.perf_counter() - started
     return result
+
+
+def score_adapted(
+    prototype: Prototype,
+    stack_spec: EvalStack,
+    settings: ProtocolSettings,
+    *,
+    backbone,
+    config: PipelineConfig | None = None,
+    cache: EmbeddingCache | None = None,
+    name: str = "prototype",
+) -> EvaluationResult:
+    """The adapt setting for a user's own prototype (made on another stack, or loaded from a file): per seed of
+    ``settings``, ``settings.adapt_points`` positive and negative points sampled from ``stack_spec``'s ground truth
+    on its reference slice (``reference_slice``, the protocol's sampler and margin), ``adapt_scorer``, and its masks
+    on every other evaluated slice (setting 'adapt', method '<name> + N+N points'); beside them the prototype as it is
+    on the same slices (setting 'prototype', method ``name``), the cross-file analogue.
+
+    config : the configuration to adapt under (default: the prototype's; its mode must be the prototype's).
+    Raises PrototypeError when the prototype does not fit ``backbone`` or cannot be adapted (``check_adaptable``);
+    StackError / ProtoscopeError for the stack, its ground truth or the slices (``open_eval_stacks``).
+    """
+    started = time.perf_counter()
+    _check_backbone(prototype, backbone)
+    config = config or prototype.config
+    base = Scorer(prototype, config)
+    adapted_name = f"{name} + {settings.adapt_points}+{settings.adapt_points} points"
+    result = EvaluationResult()
+    with open_eval_stacks([stack_spec], settings) as (entry,):
+        result.notes.extend(entry.notes)
+        result.stacks.append(entry.label)
+        result.slices[entry.label] = entry.z_values
+        if len(entry.z_values) < 2:
+            result.notes.append("adapt clicks on one slice and scores the others: with one evaluated slice there are none")
+        embedder = SliceEmbedder(entry.image, entry.spec.image_channel, backbone, config.preprocess, cache=cache)
+        source = stack_label(Path(prototype.source_file)) if prototype.source_file else ""
+        margin = entry.margin(settings, config)
+        for seed in settings.seeds:
+            clicked_z = reference_slice(entry.z_values, seed)
+            points = protocol_points(entry.truth(clicked_z), clicked_z, seed, settings.adapt_points, margin)
+            adapted = adapt_scorer(prototype, embedder, points, config, seed=seed)
+            windows = ((PROTOTYPE_SETTING, name, ScoreWindow(base, embedder)),
+                       (ADAPT, adapted_name, ScoreWindow(adapted, embedder)))
+            for z in entry.z_values:  # increasing z: each window computes every score map once
+                if z == clicked_z:
+                    continue
+                truth_mask = entry.truth(z)
+                for setting, method, window in windows:
+                    result.rows.append({"method": method, "backbone": backbone.spec.name, "setting": setting,
+                                        "ref_stack": source, "ref_z": clicked_z, "stack": entry.label, "z": z,
+                                        "seed": seed, **mask_scores(window.segment(z).mask, truth_mask, entry.image)})
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _check_backbone(prototype: Prototype, backbone) -> None:
+    """PrototypeError unless ``prototype`` was made with ``backbone`` (name and embedding dimension)."""
+    if prototype.backbone != backbone.spec.name or prototype.embed_dim != int(backbone.embed_dim):
+        raise PrototypeError(
+            f"the prototype was made with backbone {prototype.backbone!r} ({prototype.embed_dim}-dimensional) but "
+            f"{backbone.spec.name!r} ({backbone.embed_dim}-dimensional) is selected; select {prototype.backbone!r} "
+            "to score it"
+        )

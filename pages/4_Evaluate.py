@@ -36,16 +36,33 @@ def controls(ctx: resources.Context) -> None:
     c5, c6 = st.columns(2)
     methods = c5.multiselect("Methods", list(evaluate.METHODS), format_func=evaluate.METHODS.get,
                              **state.widget("evaluate.methods", ["session"]))
-    settings = c6.multiselect("Settings", list(evaluate.ONE_STACK_SETTINGS),
+    settings = c6.multiselect("Settings", list(evaluate.SETTINGS),
                               **state.widget("evaluate.settings", ["same-slice", "same-file"]),
                               help="same-slice: prototypes from the slice itself; same-file: from one reference slice "
-                                   "applied to the others")
+                                   "applied to the others; adapt: a prototype made elsewhere plus a few points sampled "
+                                   "on one slice here, applied to the others (beside it: the prototype as it is)")
+    adapt_choice = adapt_controls(ctx) if evaluate.ADAPT in settings else None
     if st.button("Run evaluation", type="primary", key="evaluate.run"):
         with st.status("Evaluating…", expanded=False) as status:
             result = evaluate.run(ctx, method_names=methods, n_points=points, n_seeds=seeds,
-                                  protocol_settings=settings, log=status.write, **chosen)
+                                  protocol_settings=settings, log=status.write, adapt_choice=adapt_choice, **chosen)
             status.update(label=f"Evaluation finished in {result.seconds:.1f} s", state="complete")
         state.put("evaluate.result", result)
+
+
+def adapt_controls(ctx: resources.Context) -> str | None:
+    """The prototype adapt starts from (saved ones and the current one), or None (with a hint) when there is none."""
+    choices = evaluate.prototype_choices(ctx)
+    if not choices:
+        st.info("adapt starts from a prototype made elsewhere: make one on another sample (or load one) on the Segment "
+                "page and save it.")
+        return None
+    if state.get("evaluate.adapt_base") not in choices:
+        state.set_bound("evaluate.adapt_base", choices[0])
+    return st.selectbox("Prototype to adapt", choices, format_func=evaluate.choice_label,
+                        **state.widget("evaluate.adapt_base", choices[0]),
+                        help="3 positive + 3 negative points per seed are sampled from this stack's ground truth on one "
+                             "slice (the same-file reference slice); the adapted prototype is scored on the other slices")
 
 
 def show(result) -> None:

@@ -133,3 +133,37 @@ def test_score_my_prototype_gives_core_metrics_of_the_segment_pages_masks(app):
     assert saved_row["method"] == "prototype-1"
     assert saved_row["dice"] == segmentation_scores(segment_mask, testing.demo_truth(12)).dice
     assert saved_row["mask_fraction"] == pytest.approx(0.10, abs=0.01)
+
+
+def test_adapt_adapts_a_saved_prototype_with_three_plus_three_points_as_core_does(app):
+    """Issue 15: the adapt setting on the Evaluate page: a saved prototype plus 3 + 3 points sampled on one slice of
+    this stack, scored on the other chosen slices beside the prototype as it is; the numbers of core.protocol."""
+    from core.protocol import reference_slice, score_adapted
+
+    testing.set_mode(app, "thesis")
+    testing.goto(app, "segment")
+    positive, negative = testing.seed_points(testing.demo_truth(12))
+    testing.click(app, positive, "positive")
+    testing.click(app, negative, "negative")
+    app.button(key="segment.save").click().run()
+    testing.goto(app, "evaluate")
+    app.radio(key="_w.evaluate.slice_choice").set_value("chosen").run()
+    app.text_input(key="_w.evaluate.z").input("5, 12, 21").run()
+    app.multiselect(key="_w.evaluate.methods").set_value([])  # adapt alone needs no method
+    app.multiselect(key="_w.evaluate.settings").set_value(["adapt"]).run()
+    assert app.selectbox(key="_w.evaluate.adapt_base").options == [
+        "the current prototype (Segment page, its threshold now)", "saved: prototype-1"]
+    app.selectbox(key="_w.evaluate.adapt_base").set_value("prototype-1").run()
+    app.button(key="evaluate.run").click().run(timeout=300)
+    assert not app.exception and not app.error
+    result = app.session_state["evaluate.result"]
+    clicked = reference_slice([5, 12, 21], 0)
+    others = [z for z in (5, 12, 21) if z != clicked]
+    assert [(r["method"], r["setting"], r["z"]) for r in result.rows] == [
+        row for z in others for row in (("prototype-1", "prototype", z), ("prototype-1 + 3+3 points", "adapt", z))]
+    saved = next(p for p in app.session_state["segment.prototypes"] if p.name == "prototype-1").prototype
+    sample = app.session_state["home.sample"]
+    expected = score_adapted(saved, EvalStack(Path(sample.path), 0, mask_channel=1, name="synthetic_vessels"),
+                             ProtocolSettings(n_points=25, seeds=(0,), z_values=(5, 12, 21)),
+                             backbone=load_backbone("filterbank"), cache=EmbeddingCache(), name="prototype-1")
+    assert [(r["dice"], r["hd95_px"]) for r in result.rows] == [(r["dice"], r["hd95_px"]) for r in expected.rows]

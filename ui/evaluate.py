@@ -1,6 +1,7 @@
-"""The Evaluate page's work: the thesis protocol (core.protocol) on the open stack and its ground truth, and
-"Score my prototype": the user's own prototype (the Segment page's current one or a saved one) scored slice by
-slice against the same ground truth (core.protocol.score_prototype)."""
+"""The Evaluate page's work: the thesis protocol (core.protocol) on the open stack and its ground truth, with the
+adapt setting for a prototype made elsewhere (core.protocol.score_adapted), and "Score my prototype": the user's own
+prototype (the Segment page's current one or a saved one) scored slice by slice against the same ground truth
+(core.protocol.score_prototype)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from core.errors import ProtoscopeError
 from core.io import stack_label
 from core.prototypes import Prototype
 from core.protocol import (
+    ADAPT,
     BASELINES,
     EvalStack,
     EvaluationResult,
     Method,
     ProtocolSettings,
     evaluate,
+    score_adapted,
     score_prototype,
     select_slices,
 )
@@ -27,6 +30,8 @@ from ui.resources import Context
 
 #: Settings that make sense for one stack (cross-file needs two or more).
 ONE_STACK_SETTINGS = ("same-slice", "same-file")
+#: The settings the page offers: the one-stack ones, and adapt (a prototype made elsewhere plus a few points here).
+SETTINGS = (*ONE_STACK_SETTINGS, ADAPT)
 SLICE_CHOICES = {"spaced": "evenly spaced (the thesis protocol)", "chosen": "exactly these slices"}
 METHODS = {
     "session": "the session's settings",
@@ -92,21 +97,40 @@ def run(
     n_slices: int = 5,
     skip_ends: int = 2,
     z_values: tuple[int, ...] | None = None,
+    adapt_choice: str | None = None,
+    adapt_points: int = 3,
     log: Callable[[str], None] | None = None,
 ) -> EvaluationResult:
     """Evaluate the open stack against its ground truth; rows per (method, setting, slice, seed).
 
     z_values : exactly these slices (core.protocol's explicit selection); else ``n_slices`` evenly spaced
         ones after skipping ``skip_ends`` at each end.
+    adapt_choice : the prototype the adapt setting adapts (a ``prototype_choices`` entry; needed for adapt):
+        ``adapt_points`` + ``adapt_points`` points per seed on one slice here (core.protocol.score_adapted); its
+        rows come after the methods' (the methods are not needed for adapt alone).
     """
     if not protocol_settings:
-        raise ProtoscopeError("choose at least one setting (same-slice, same-file)")
+        raise ProtoscopeError("choose at least one setting (same-slice, same-file, adapt)")
     stack = eval_stack(ctx)
     protocol = ProtocolSettings(n_points=int(n_points), seeds=tuple(range(int(n_seeds))), n_slices=int(n_slices),
-                                skip_ends=int(skip_ends), settings=tuple(protocol_settings),
-                                z_values=tuple(int(z) for z in z_values) if z_values is not None else None)
-    result = evaluate([stack], methods_for(ctx, method_names), [ctx.backbone], protocol,
-                      cache=resources.embedding_cache(), log=log)
+                                skip_ends=int(skip_ends), settings=tuple(s for s in protocol_settings if s != ADAPT),
+                                z_values=tuple(int(z) for z in z_values) if z_values is not None else None,
+                                adapt_points=int(adapt_points))
+    if ADAPT in protocol_settings and adapt_choice is None:
+        raise ProtoscopeError("adapt needs a prototype to adapt: save one on the Segment page (made on another "
+                              "sample, or loaded from a file) and choose it")
+    result = EvaluationResult()
+    if protocol.settings:
+        result = evaluate([stack], methods_for(ctx, method_names), [ctx.backbone], protocol,
+                          cache=resources.embedding_cache(), log=log)
+    if ADAPT in protocol_settings:
+        name, prototype = chosen_prototype(ctx, adapt_choice)
+        adapted = score_adapted(prototype, stack, protocol, backbone=ctx.backbone, cache=resources.embedding_cache(),
+                                name=name)
+        result.rows.extend(adapted.rows)
+        result.notes.extend(note for note in adapted.notes if note not in result.notes)
+        result.stacks, result.slices = adapted.stacks, adapted.slices
+        result.seconds += adapted.seconds
     if "same-file" in protocol_settings and z_values is not None and len(set(z_values)) < 2:
         result.notes.append("same-file applies one slice's prototype to the other evaluated slices: with one slice "
                             "there are none, so only same-slice was scored")

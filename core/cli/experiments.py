@@ -83,7 +83,8 @@ def command_line(args: argparse.Namespace) -> str:
               "--out", args.out]
     if args.margin is not None:
         parts += ["--margin", str(args.margin)]
-    parts += [flag for flag, on in (("--no-umap", args.no_umap), ("--no-projections", args.no_projections),
+    parts += [flag for flag, on in (("--adapt", args.adapt), ("--no-umap", args.no_umap),
+                                     ("--no-projections", args.no_projections),
                                      ("--no-png", not args.png), ("--inline-js", args.inline_js)) if on]
     return "python -m core " + shlex.join(parts)
 
@@ -92,7 +93,7 @@ def cmd_experiments(args: argparse.Namespace) -> int:
     from core.experiments.base import RANDOM_NOTE
     from core.experiments.report import headline_table, write_index, write_report
     from core.experiments.runs import run_experiments
-    from core.protocol import EvalStack, ProtocolSettings
+    from core.protocol import ADAPT, SETTINGS, EvalStack, ProtocolSettings
 
     names, stack_paths = split_experiments(args.items)
     if args.mask_channel is None and not args.mask_file:
@@ -109,7 +110,8 @@ def cmd_experiments(args: argparse.Namespace) -> int:
     config = PipelineConfig.for_mode(args.mode).with_options(**options)
     threshold_config = PipelineConfig.thesis().with_options(**options)
     settings = ProtocolSettings(n_points=args.points, seeds=tuple(range(args.seeds)), n_slices=args.slices,
-                                skip_ends=args.skip_ends, margin_px=args.margin)
+                                skip_ends=args.skip_ends, margin_px=args.margin,
+                                **({"settings": (*SETTINGS, ADAPT)} if args.adapt else {}))
     if args.seeds < 1 or args.slices < 1 or args.points < 1:
         raise ProtoscopeError("--seeds, --slices and --points must be at least 1")
     backbones = [load_backbone_from_args(name, args) for name in (args.backbone or [None])]
@@ -172,6 +174,9 @@ def register(subparsers) -> None:
                         help="points per class of the points experiment (default 1,2,5,10,15,20,25,30,40,50)")
     parser.add_argument("--thresholds", default="2:30:2", metavar="START:STOP:STEP",
                         help="top-%% thresholds of the threshold experiment (default 2:30:2, i.e. 2, 4, ..., 30)")
+    parser.add_argument("--adapt", action="store_true",
+                        help="transfer (and backbones when run with it) also evaluates adapt: each reference prototype "
+                             "plus 3 + 3 points on one slice of every other stack (Table 4.4 gains an adapt row)")
     parser.add_argument("--scatter-points", type=int, default=2000, help="patches drawn in the PCA/UMAP scatter (2000)")
     parser.add_argument("--umap-samples", type=int, default=2000, help="patches UMAP is fitted on (2000)")
     parser.add_argument("--no-umap", action="store_true", help="PCA scatter only (UMAP costs ~1-2 min of numba compilation)")

@@ -16,7 +16,8 @@ from the boundary, exactly the points ``core.protocol.evaluate`` samples) for on
                    fitted and the score map (``core.window.ScoreWindow``) made once per slice and seed, only
                    the threshold varies.
 - ``transfer``     Fig. 4.9 + Table B.1 (+ Table 4.4): the n x n matrix of mean Dice ± std, rows the reference
-                   stack and columns the target stack (same-file on the diagonal, cross-file elsewhere).
+                   stack and columns the target stack (same-file on the diagonal, cross-file elsewhere); with
+                   ``adapt`` in the protocol's settings, Table 4.4 gains the adapt row (3 + 3 points on the target).
 
 A run returns an ``Experiment`` (tables, figures, notes; ``core.experiments.base``) whose figures are drawn
 by ``core.experiments.figures``; ``core.experiments.report.write_report`` writes the tables as CSV, the
@@ -50,6 +51,7 @@ from core.protocol import (
     EvalStack,
     EvaluationResult,
     Method,
+    ADAPT,
     ProtocolSettings,
     evaluate,
     open_eval_stacks,
@@ -405,7 +407,7 @@ def transfer_tables(result: EvaluationResult, labels: dict[str, str], method: st
                               "n": len(group), "dice": mean, "dice_std": std, "iou": iou_mean, "iou_std": iou_std})
                 text[target] = f"{mean:.3f} ± {std:.3f}" if group else ""
             matrix_rows.append(text)
-        for setting in ("same-slice", "same-file", "cross-file"):
+        for setting in ("same-slice", "same-file", "cross-file", ADAPT):
             group = [r for r in rows if r["backbone"] == backbone and r["setting"] == setting]
             if not group:
                 continue
@@ -419,14 +421,14 @@ def transfer_tables(result: EvaluationResult, labels: dict[str, str], method: st
 def run_transfer(stacks: Sequence[EvalStack], backbones: Sequence["Backbone"], config: PipelineConfig,
                  settings: ProtocolSettings = ProtocolSettings(), *, cache: "EmbeddingCache | None" = None,
                  log: Log | None = None, result: EvaluationResult | None = None) -> Experiment:
-    """Same-slice, same-file and cross-file protocol; the transfer matrix per backbone (Fig. 4.9, Table B.1)."""
+    """Same-slice, same-file and cross-file protocol (and adapt when ``settings.settings`` holds it); the transfer
+    matrix per backbone (Fig. 4.9, Table B.1)."""
     started = time.perf_counter()
     labels = _check_backbones(backbones)
     method = config.mode.value
     if result is None:
         result = evaluate(stacks, [Method(method, config)], backbones,
-                          dataclasses.replace(settings, settings=("same-slice", "same-file", "cross-file")),
-                          cache=cache, log=log)
+                          dataclasses.replace(settings, settings=_transfer_settings(settings)), cache=cache, log=log)
     tables = transfer_tables(result, labels, method)
     figures = {f"transfer_matrix_{name}": transfer_figure([c for c in tables["cells"] if c["backbone"] == name], result.stacks)
                for name in labels}
@@ -434,6 +436,11 @@ def run_transfer(stacks: Sequence[EvalStack], backbones: Sequence["Backbone"], c
     if len(result.stacks) < 2:
         notes.append("one stack only: the matrix has no cross-file cells")
     return Experiment("transfer", tables, figures, notes, _info(config, settings, result.slices, started, result))
+
+
+def _transfer_settings(settings: ProtocolSettings) -> tuple[str, ...]:
+    """The protocol settings the transfer experiment evaluates: the thesis's three, and adapt when asked for."""
+    return ("same-slice", "same-file", "cross-file", *((ADAPT,) if ADAPT in settings.settings else ()))
 
 
 # ---- several at once --------------------------------------------------------------------------------
@@ -463,8 +470,7 @@ def run_experiments(names: Sequence[str], stacks: Sequence[EvalStack], backbones
     shared: EvaluationResult | None = None
     if "backbones" in names and "transfer" in names:
         shared = evaluate(stacks, [Method(config.mode.value, config)], backbones,
-                          dataclasses.replace(settings, settings=("same-slice", "same-file", "cross-file")),
-                          cache=cache, log=log)
+                          dataclasses.replace(settings, settings=_transfer_settings(settings)), cache=cache, log=log)
     done: dict[str, Experiment] = {}
     for name in EXPERIMENTS:
         if name not in names:
