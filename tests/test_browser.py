@@ -160,6 +160,9 @@ def _click_points(page, positive, negative, scale: float = DISPLAY_SCALE) -> Non
             clicks += 1
             n_pos, n_neg = min(clicks, len(positive)), max(0, clicks - len(positive))
             page.get_by_text(f"{n_pos} positive, {n_neg} negative").wait_for()
+            # a click with negatives shows the live mask, then reruns for the forest's: let that run end first
+            # (a click landing during the rerun can be lost: noted in the closing note of stop 10)
+            _wait_idle(page)
             if clicks == 1:  # positives only: best mode shows the patch-level preview and asks for background
                 page.get_by_text("needs negative points too").wait_for()
     # the last click's run draws the preview, trains the pixel classifier and reruns with its result
