@@ -58,11 +58,11 @@ def test_store_reads_back_through_ome_zarr_with_voxel_sizes_and_channel_name(tmp
     assert scales == [[1.0, 2.0, 0.25, 0.5], [1.0, 2.0, 0.5, 1.0], [1.0, 2.0, 1.0, 2.0]]
     assert node.metadata["channel_names"] == ["Protoscope mask of CD31"]
     assert [tuple(level.shape) for level in node.data] == [(1, 10, 300, 200), (1, 10, 150, 100), (1, 10, 75, 50)]
-    level0 = np.asarray(node.data[0])[0]
+    level0 = np.asarray(node.data[0].compute(scheduler="synchronous"))[0]  # not a Client an earlier test left as default
     assert level0.dtype == np.uint8 and np.array_equal(level0[4:8] == 255, masks)
     assert not level0[:4].any() and not level0[8:].any()  # never written: zeros
     # level 2 is every 4th pixel of level 0
-    assert np.array_equal(np.asarray(node.data[2])[0, 4:8], level0[4:8, ::4, ::4])
+    assert np.array_equal(np.asarray(node.data[2].compute(scheduler="synchronous"))[0, 4:8], level0[4:8, ::4, ::4])
     # plain zarr: NGFF 0.4 is zarr format 2 with '/' chunk keys; chunks of 4 slices, 512-px tiles clipped
     group = zarr.open_group(str(tmp_path / "m.ome.zarr"), mode="r")
     assert group.attrs["multiscales"][0]["version"] == "0.4"
